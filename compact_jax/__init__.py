@@ -1,0 +1,3 @@
+"""compact_jax: COMPACT-style compositional visual instruction tuning in JAX/Flax NNX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""Every default of compact_jax, in one place.
+
+Experiment configs start from ``get_config()`` here, change what they need,
+and return the result locked (``--config.key=value`` on the command line then
+fails on a misspelled key). Library code reads keys directly and never calls
+``config.get(key, default)``.
+
+Durations carry their unit in the name (``total_steps``, ``log_every_steps``).
+Paths are relative to the workdir unless absolute.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("generate", "build", "train", "eval")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.stages = STAGES
+  c.seed = 0
+  # Set by --overwrite: redo finished stages instead of skipping them.
+  c.overwrite = False
+
+  # --- generate: the tiny world (compact_jax/world) -------------------------
+  c.world = ml_collections.ConfigDict()
+  c.world.image_size = 64  # rendered square images, px
+  c.world.grid_size = 4  # cells per side; objects sit in cells
+  c.world.min_objects = 1
+  c.world.max_objects = 5
+  c.world.num_train_images = 4000
+  c.world.num_test_images = 600
+  c.world.train_k = (1, 2, 3)
+  c.world.test_k = (1, 2, 3, 4, 5)
+  c.world.questions_per_image = (2, 3)  # inclusive range, as COMPACT
+  # Capability weights when sampling a question's k capabilities (COMPACT
+  # doubles action_recognition); unnamed capabilities weigh 1.
+  c.world.capability_weights = ml_collections.ConfigDict({"action_recognition": 2.0})
+  # Combinations (sorted names joined by "+") never asked in train; the test
+  # split asks them and reports them separately.
+  c.world.heldout_combinations = (
+      "color+counting+text_recognition",
+      "object_interaction+shape+spatial_recognition",
+  )
+  # COMPACT's first human turn carries LLaVA's short-answer instruction.
+  c.world.answer_suffix = "\nAnswer the question using a single word or phrase."
+  c.world.max_attempts_per_question = 64
+
+  # --- build: records -> TFDS (array_record) + tokenizer --------------------
+  c.build = ml_collections.ConfigDict()
+  # split -> record files (JSON array, JSONL or COMPACT's concatenated arrays).
+  # Empty means the generate stage's output under the workdir.
+  c.build.records = ml_collections.ConfigDict({"train": (), "test": ()})
+  c.build.image_roots = ()  # searched in order; empty = generate's dir
+  c.build.dataset_name = "llava_records"
+  c.build.skip_bad_records = False
+  # Tokenizer: a sentencepiece model trained on the records' text, or an
+  # existing .model file (then no training).
+  c.build.tokenizer_file = ""
+  c.build.tokenizer_vocab_size = 512
+  c.build.tokenizer_model_type = "unigram"
+
+  # --- data: the grain input pipeline (compact_jax/data) --------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.template = "gemma"  # chat template, see compact_jax/data/template.py
+  c.data.image_size = 64  # model input resolution (after pad-to-square)
+  # Text lengths (tokens) that batches are padded to; one compile per bucket.
+  c.data.seq_buckets = (64, 96, 128)
+  c.data.worker_count = 0  # grain multiprocessing workers; 0 = in-process
+  c.data.shuffle_buffer_seed = 0
+
+  # --- model (compact_jax/models) --------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.vit_variant = "tiny/16"  # see models/siglip.py VARIANTS
+  c.model.vit_output_layer = -1  # -1 last layer, -2 penultimate (LLaVA)
+  c.model.connector = "mlp2x_gelu"  # see models/connectors.py CONNECTORS
+  c.model.llm_variant = "tiny"  # see models/llm.py VARIANTS
+  c.model.scan_layers = True
+  c.model.remat_policy = "none"  # "none" or a jax.checkpoint_policies name
+  c.model.dtype = "float32"  # compute dtype; params stay float32
+
+  # --- train (compact_jax/train) ---------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64  # global
+  c.train.total_steps = 1500
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.end_lr_fraction = 0.05  # cosine decays to lr * this
+  c.train.weight_decay = 1e-4
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.grad_clip_norm = 1.0
+  c.train.label_smoothing = 0.0
+  # (regex over "img/..."/"llm/..." paths, lr multiplier or None = frozen);
+  # every parameter must match exactly one pattern.
+  c.train.param_groups = ((".*", 1.0),)
+  c.train.log_every_steps = 50
+  c.train.ckpt_every_steps = 250
+  c.train.keep_checkpoints = 2
+
+  # --- mesh and sharding (one rules table; models name logical axes only) ----
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  c.sharding_rules = (
+      ("act_batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("vocab", "tensor"),
+      ("act_heads", "tensor"),
+      ("act_mlp", "tensor"),
+  )
+
+  # --- eval (compact_jax/eval) -------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"
+  c.eval.batch_size = 64
+  c.eval.max_new_tokens = 8
+  c.eval.max_examples = -1  # -1 = all
+  c.eval.prompt_buckets = (64, 96, 128)
+  return c
