@@ -14,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = ("generate", "build", "train", "eval")
+# LLaVA-1.5's short-answer instruction (COMPACT appends it to the first question).
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -41,11 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Combinations (sorted names joined by "+") never asked in train; the test
   # split asks them and reports them separately.
   c.world.heldout_combinations = (
-      "color+counting+text_recognition",
-      "object_interaction+shape+spatial_recognition",
+    "color+counting+text_recognition",
+    "object_interaction+shape+spatial_recognition",
   )
   # COMPACT's first human turn carries LLaVA's short-answer instruction.
-  c.world.answer_suffix = "\nAnswer the question using a single word or phrase."
+  c.world.answer_suffix = SHORT_ANSWER
   c.world.max_attempts_per_question = 64
 
   # --- build: records -> TFDS (array_record) + tokenizer --------------------
@@ -60,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # existing .model file (then no training).
   c.build.tokenizer_file = ""
   c.build.tokenizer_vocab_size = 512
-  c.build.tokenizer_model_type = "unigram"
+  c.build.tokenizer_model_type = "bpe"
 
   # --- data: the grain input pipeline (compact_jax/data) --------------------
   c.data = ml_collections.ConfigDict()
@@ -103,14 +105,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- mesh and sharding (one rules table; models name logical axes only) ----
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding_rules = (
-      ("act_batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("vocab", "tensor"),
-      ("act_heads", "tensor"),
-      ("act_mlp", "tensor"),
+    ("act_batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
   )
 
   # --- eval (compact_jax/eval) -------------------------------------------------
@@ -119,5 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.max_new_tokens = 8
   c.eval.max_examples = -1  # -1 = all
-  c.eval.prompt_buckets = (64, 96, 128)
+  c.eval.prompt_buckets = (32, 64, 96, 128)
+  # Every question is asked as a first turn ending in this instruction.
+  c.eval.prompt_suffix = SHORT_ANSWER
   return c

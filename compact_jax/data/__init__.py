@@ -1,0 +1,1 @@
+"""Data: record I/O, TFDS packaging, image preprocessing, tokenizers, templates, grain pipeline."""

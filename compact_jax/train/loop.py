@@ -1,0 +1,299 @@
+"""The ``train`` stage: resume-or-init, then step, log and checkpoint.
+
+Reads ``WORKDIR/build/`` (the TFDS dataset and tokenizer), writes
+``WORKDIR/train/``:
+- ``checkpoints/<step>/`` Orbax checkpoints (state, data iterator, meta);
+- ``metrics.jsonl`` one line per log step (also TensorBoard events in ``tb/``);
+- ``data_stats.json`` what tokenization did to the split (truncation, drops);
+- ``loss.png`` the loss curve.
+
+A rerun resumes from the latest checkpoint, including the data iterator, so
+the batches after a resume are exactly those an uninterrupted run sees. A run
+whose latest checkpoint is at ``total_steps`` is finished and is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from compact_jax import sharding as sharding_lib
+from compact_jax.data import build as build_lib
+from compact_jax.data import pipeline as pipeline_lib
+from compact_jax.data import template as template_lib
+from compact_jax.train import checkpoint as checkpoint_lib
+from compact_jax.train import mesh as mesh_lib
+from compact_jax.train import state as state_lib
+from compact_jax.train import step as step_lib
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass
+class TrainResult:
+  final_step: int
+  resumed_from: int | None
+  last_metrics: dict[str, float]
+  skipped: bool = False
+
+
+def train_dir(workdir: str | os.PathLike) -> str:
+  return os.path.join(os.fspath(workdir), "train")
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  return os.path.join(train_dir(workdir), "checkpoints")
+
+
+class MetricsWriter:
+  """Appends JSONL (process 0 only) and mirrors scalars to TensorBoard if available."""
+
+  def __init__(self, directory: str):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(directory, METRICS_FILE)
+    self._tb = None
+    if self.enabled:
+      os.makedirs(directory, exist_ok=True)
+      try:
+        from tensorboardX import SummaryWriter  # optional: TensorBoard event files
+
+        self._tb = SummaryWriter(os.path.join(directory, "tb"))
+      except ImportError:
+        self._tb = None
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": step, **metrics}, sort_keys=True) + "\n")
+    if self._tb is not None:
+      for k, v in metrics.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def drop_after(self, step: int) -> None:
+    """Forgets lines past ``step`` (they belong to work a crash threw away)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [ln for ln in f if ln.strip()]
+    kept = []
+    for ln in lines:
+      try:
+        if json.loads(ln)["step"] <= step:
+          kept.append(ln)
+      except (json.JSONDecodeError, KeyError):
+        continue  # a torn last line from a kill
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(self.path + ".tmp", self.path)
+
+
+def _fmt_duration(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def plot_loss(metrics_path: str, out_path: str) -> None:
+  """Loss curve PNG from the metrics file."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(metrics_path) as f:
+    rows = [json.loads(ln) for ln in f if ln.strip()]
+  if not rows:
+    return
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (per answer token)")
+  ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
+  """Trains ``config.model`` on the built train split; resumes if possible."""
+  workdir = os.fspath(workdir)
+  out_dir = train_dir(workdir)
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = config.train
+
+  tokenizer = build_lib.load_tokenizer(workdir)
+  template = template_lib.TEMPLATES[config.data.template]
+  source = build_lib.load_split(config, workdir, "train")
+  stats, indices = pipeline_lib.analyze(source, tokenizer, template, config.data.seq_buckets)
+  logging.info("train split: %s", stats.summary())
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, "data_stats.json"), "w") as f:
+      json.dump(dataclasses.asdict(stats), f, indent=2)
+  if not len(indices):
+    raise ValueError("No trainable examples in the train split (all fully masked)")
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  if cfg.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {cfg.batch_size} not divisible by {jax.process_count()} hosts")
+  data_devices = mesh.devices.size // mesh.shape.get("tensor", 1)
+  if cfg.batch_size % data_devices:
+    raise ValueError(
+      f"batch_size {cfg.batch_size} not divisible by {data_devices} data-parallel devices"
+    )
+  setup, init_fn = state_lib.setup_state(config, vocab_size=tokenizer.vocab_size, mesh=mesh)
+  logging.info(
+    "Model: %s params, %s trainable; groups %s",
+    f"{setup.num_params:,}",
+    f"{setup.num_trainable:,}",
+    {k: len(v) for k, v in setup.group_members.items()},
+  )
+
+  dataset = pipeline_lib.make_train_dataset(
+    source,
+    indices,
+    tokenizer,
+    template,
+    image_size=config.data.image_size,
+    batch_size=cfg.batch_size // jax.process_count(),
+    seq_buckets=config.data.seq_buckets,
+    seed=config.seed,
+    shard_index=jax.process_index(),
+    shard_count=jax.process_count(),
+  )
+  data_iter = pipeline_lib.make_iterator(dataset)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), keep=cfg.keep_checkpoints)
+  meta = {
+    "vocab_size": tokenizer.vocab_size,
+    "tokenizer": os.path.abspath(tokenizer.path),
+    "template": config.data.template,
+    "image_size": config.data.image_size,
+    "model": config.model.to_dict(),
+    "process_count": jax.process_count(),
+  }
+  writer = MetricsWriter(out_dir)
+
+  latest = ckpt.latest_step()
+  with jax.set_mesh(mesh):
+    if latest is None:
+      state = init_fn()
+      resumed = None
+    else:
+      state, data_state, saved_meta = ckpt.restore(setup.abstract, latest)
+      if saved_meta.get("process_count") != jax.process_count():
+        raise ValueError(
+          f"Checkpoint {latest} was written by {saved_meta.get('process_count')} hosts; this run "
+          f"has {jax.process_count()}: the data iterator state cannot be remapped exactly"
+        )
+      pipeline_lib.restore_iterator_state(data_iter, data_state["iterator"])
+      writer.drop_after(latest)
+      resumed = latest
+      logging.info("Resumed from step %d", latest)
+
+    start = int(jax.device_get(state["step"]))
+    if start >= cfg.total_steps:
+      logging.info("train: finished already (step %d >= total_steps %d)", start, cfg.total_steps)
+      ckpt.close()
+      return TrainResult(start, resumed, {}, skipped=True)
+
+    train_step = step_lib.jit_train_step(setup, config, mesh)
+    last: dict[str, float] = {}
+    pending: tuple[int, Any] | None = None  # (step, metrics) checked one step late
+    t0, s0 = time.time(), start
+
+    def check_and_log(step: int, metrics: Any) -> None:
+      nonlocal last, t0, s0
+      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
+        raise FloatingPointError(
+          f"Non-finite loss or gradient at step {step} (loss={host['loss']}, grad_norm="
+          f"{host['grad_norm']}). The last good checkpoint is step {ckpt.latest_step()}; "
+          f"lower train.lr or check the data."
+        )
+      if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
+        dt = max(time.time() - t0, 1e-9)
+        rate = (step - s0) / dt
+        host["steps_per_sec"] = rate
+        host["examples_per_sec"] = rate * cfg.batch_size
+        eta = (cfg.total_steps - step) / max(rate, 1e-9)
+        logging.info(
+          "step %d/%d (%.0f%%) loss %.4f tok_acc %.3f lr %.2e |g| %.3f  %.2f steps/s "
+          "%.1f ex/s  ETA %s",
+          step,
+          cfg.total_steps,
+          100 * step / cfg.total_steps,
+          host["loss"],
+          host["token_accuracy"],
+          host["lr"],
+          host["grad_norm"],
+          rate,
+          host["examples_per_sec"],
+          _fmt_duration(eta),
+        )
+        writer.write(step, host)
+        t0, s0 = time.time(), step
+      last = host
+
+    for step in range(start + 1, cfg.total_steps + 1):
+      batch = step_lib.to_global_batch(next(data_iter), mesh)
+      state, metrics = train_step(state, batch)
+      # Reading step N-1's metrics after dispatching step N keeps the device
+      # busy while the host checks for NaN.
+      if pending is not None:
+        check_and_log(*pending)
+      pending = (step, metrics)
+      if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps:
+        check_and_log(*pending)  # never checkpoint a non-finite state
+        pending = None
+        ckpt.save(
+          step,
+          state,
+          data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
+          meta=meta,
+          force=True,
+        )
+    if pending is not None:
+      check_and_log(*pending)
+    ckpt.close()
+
+  if jax.process_index() == 0 and os.path.exists(writer.path):
+    plot_loss(writer.path, os.path.join(out_dir, "loss.png"))
+  return TrainResult(cfg.total_steps, resumed, last)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=None):
+  """(graphdef, params, meta) of the latest checkpoint, for evaluation."""
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), keep=config.train.keep_checkpoints)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}; run the train stage")
+  meta = ckpt.restore_meta(step)
+  mesh = mesh or mesh_lib.make_mesh(config.mesh)
+  setup, _ = state_lib.setup_state(config, vocab_size=meta["vocab_size"], mesh=mesh)
+  with jax.set_mesh(mesh), sharding_lib.axis_rules(config.sharding_rules):
+    state, _, meta = ckpt.restore(setup.abstract, step)
+  ckpt.close()
+  return setup.graphdef, state["params"], {**meta, "step": step}
+
+
+def latest_checkpoint_step(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> int | None:
+  del config  # the layout is fixed; kept for a uniform stage-helper signature
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+  return max(steps) if steps else None

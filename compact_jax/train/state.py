@@ -1,0 +1,140 @@
+"""The train state: a pytree created directly in its target sharding.
+
+``TrainState`` is a plain dict so Orbax, ``jax.tree`` and tests see ordinary
+containers::
+
+  {"step": int32[], "params": {"img": ..., "llm": ...}, "opt_state": optax state}
+
+Shapes come from ``jax.eval_shape``; shardings from the parameters' logical
+axis names and ``config.sharding_rules``; values are materialised by a jitted
+init with ``out_shardings``, so no device ever holds an unsharded copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from compact_jax import sharding as sharding_lib
+from compact_jax.models import vlm as vlm_lib
+from compact_jax.train import mesh as mesh_lib
+from compact_jax.train import optimizer as optimizer_lib
+
+TrainState = dict[str, Any]
+
+
+def build_model(
+  model_cfg: ml_collections.ConfigDict, *, vocab_size: int, image_size: int, seed: int
+):
+  """The VLM described by ``config.model`` (random init)."""
+  return vlm_lib.VLM(
+    vlm_lib.VLMConfig(
+      vit_variant=model_cfg.vit_variant,
+      connector=model_cfg.connector,
+      llm_variant=model_cfg.llm_variant,
+      vocab_size=vocab_size,
+      image_size=image_size,
+      vit_output_layer=model_cfg.vit_output_layer,
+      scan_layers=model_cfg.scan_layers,
+      remat_policy=model_cfg.remat_policy,
+      dtype=model_cfg.dtype,
+    ),
+    rngs=nnx.Rngs(seed),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSetup:
+  """Everything static about a train state: structure, shardings, optimizer."""
+
+  graphdef: nnx.GraphDef
+  abstract: TrainState  # ShapeDtypeStructs with shardings
+  shardings: TrainState
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  trainable: Any  # tree of bools like params
+  group_members: dict[str, list[str]]
+  num_params: int
+  num_trainable: int
+
+
+def setup_state(
+  config: ml_collections.ConfigDict, *, vocab_size: int, mesh: Mesh
+) -> tuple[StateSetup, Any]:
+  """Abstract train state, shardings and optimizer; returns (setup, init_fn).
+
+  ``init_fn()`` materialises the state in its shardings (jitted).
+  """
+
+  def make_model():
+    return build_model(
+      config.model, vocab_size=vocab_size, image_size=config.data.image_size, seed=config.seed
+    )
+
+  abstract_model = nnx.eval_shape(make_model)
+  graphdef, abstract_vars = nnx.split(abstract_model, nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_vars)
+  tx, members, schedule = optimizer_lib.make_optimizer(config.train, abstract_params)
+  trainable = optimizer_lib.trainable_mask(abstract_params, config.train.param_groups)
+
+  replicated = NamedSharding(mesh, P())
+  param_shardings = mesh_lib.params_shardings(abstract_vars, mesh, config.sharding_rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abstract_opt,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
+  shardings: TrainState = {
+    "step": replicated,
+    "params": param_shardings,
+    "opt_state": opt_shardings,
+  }
+
+  def init() -> TrainState:
+    model = make_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract_state = jax.eval_shape(init)
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+  )
+  sizes = jax.tree.leaves(jax.tree.map(lambda x: x.size, abstract_params))
+  train_sizes = jax.tree.leaves(
+    jax.tree.map(lambda x, t: x.size if t else 0, abstract_params, trainable)
+  )
+  setup = StateSetup(
+    graphdef=graphdef,
+    abstract=abstract_state,
+    shardings=shardings,
+    tx=tx,
+    schedule=schedule,
+    trainable=trainable,
+    group_members=members,
+    num_params=int(sum(sizes)),
+    num_trainable=int(sum(train_sizes)),
+  )
+
+  def init_fn() -> TrainState:
+    with sharding_lib.axis_rules(config.sharding_rules):
+      return jax.jit(init, out_shardings=shardings)()
+
+  return setup, init_fn
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any):
+  """An NNX model from its graphdef and a pure-dict param tree (inside jit)."""
+  state = nnx.State(params)
+  return nnx.merge(graphdef, state)

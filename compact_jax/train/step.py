@@ -1,0 +1,115 @@
+"""The train step: a pure function of (state, batch), jitted once per bucket."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from compact_jax import sharding as sharding_lib
+from compact_jax.train import mesh as mesh_lib
+from compact_jax.train.state import StateSetup, TrainState, merge_model
+
+Batch = dict[str, jax.Array]
+BATCH_KEYS = ("image", "has_image", "tokens", "mask_ar", "mask_loss", "mask_input")
+
+
+def next_token_loss(
+  logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-token mean cross-entropy over answer tokens.
+
+  Args:
+    logits: float32[B, T, V]; the logit at t predicts ``tokens[:, t + 1]``.
+    batch: needs ``tokens`` int32[B, T], ``mask_loss`` int32[B, T] and
+      ``mask_input`` bool[B, T].
+    label_smoothing: optax-style smoothing.
+
+  Returns:
+    (loss, aux): the mean over all target tokens of the (global) batch, so
+    every answer token weighs the same however the batch is split over
+    devices; aux has the token count and token accuracy.
+  """
+  targets = batch["tokens"][:, 1:]
+  weights = (batch["mask_loss"][:, 1:] * batch["mask_input"][:, 1:]).astype(jnp.float32)
+  logits = logits[:, :-1].astype(jnp.float32)
+  vocab = logits.shape[-1]
+  labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+  nll = optax.softmax_cross_entropy(logits, labels)
+  n_tokens = weights.sum()
+  loss = (nll * weights).sum() / jnp.maximum(n_tokens, 1.0)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  accuracy = (correct * weights).sum() / jnp.maximum(n_tokens, 1.0)
+  return loss, {"n_tokens": n_tokens, "token_accuracy": accuracy}
+
+
+def make_train_step(
+  setup: StateSetup, config
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The pure step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
+  graphdef, tx, trainable = setup.graphdef, setup.tx, setup.trainable
+  smoothing = config.train.label_smoothing
+
+  def loss_fn(params, batch):
+    model = merge_model(graphdef, params)
+    logits, _ = model(
+      batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
+    )
+    return next_token_loss(logits, batch, label_smoothing=smoothing)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    # Frozen parameters' gradients are replaced by constants, so XLA drops
+    # their computation and no statistic (clipping norm included) sees them.
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(params),
+      "update_norm": optax.global_norm(updates),
+      "lr": setup.schedule(state["step"]),
+      **aux,
+    }
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return step
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+  ndims = {"image": 4, "has_image": 1}
+  return {k: mesh_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in BATCH_KEYS}
+
+
+def jit_train_step(setup: StateSetup, config, mesh: Mesh):
+  """The step jitted with in/out shardings and the state donated."""
+  step = make_train_step(setup, config)
+  replicated = NamedSharding(mesh, P())
+
+  def wrapped(state, batch):
+    # Activation constraints in the model resolve logical names against
+    # these rules and the mesh while tracing.
+    with (
+      sharding_lib.axis_rules(config.sharding_rules),
+      jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+    ):
+      return step(state, batch)
+
+  return jax.jit(
+    wrapped,
+    in_shardings=(setup.shardings, batch_shardings(mesh)),
+    out_shardings=(setup.shardings, replicated),
+    donate_argnums=(0,),
+  )
+
+
+def to_global_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
+  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+  shard = batch_shardings(mesh)
+  return {k: jax.make_array_from_process_local_data(shard[k], batch[k]) for k in BATCH_KEYS}

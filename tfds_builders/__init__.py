@@ -1,0 +1,1 @@
+"""TFDS dataset builders: one package per dataset, each usable from code and from ``tfds build``."""
