@@ -25,6 +25,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Set by --overwrite: redo finished stages instead of skipping them.
   c.overwrite = False
+  # Persistent XLA compilation cache ("" = off); reruns skip compiles.
+  c.compilation_cache_dir = "~/.cache/compact_jax/xla"
 
   # --- generate: the tiny world (compact_jax/world) -------------------------
   c.world = ml_collections.ConfigDict()
@@ -32,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.grid_size = 4  # cells per side; objects sit in cells
   c.world.min_objects = 1
   c.world.max_objects = 5
+  # Minimal-pair distractors the composer may add per question, so that every
+  # constraint is necessary (compact_jax/world/plant.py); scenes stay <= 3/4 full.
+  c.world.max_distractors = 4
   c.world.num_train_images = 4000
   c.world.num_test_images = 600
   c.world.train_k = (1, 2, 3)
@@ -46,9 +51,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "color+counting+text_recognition",
     "object_interaction+shape+spatial_recognition",
   )
+  # Chance that a test image whose k matches a held-out combination asks one
+  # first (uniform sampling alone asks each about once per 120 k=3 questions).
+  c.world.heldout_test_rate = 0.25
   # COMPACT's first human turn carries LLaVA's short-answer instruction.
   c.world.answer_suffix = SHORT_ANSWER
   c.world.max_attempts_per_question = 64
+  # Processes generating images (0: this one; -1: one per core). The output does
+  # not depend on it.
+  c.world.num_workers = -1
 
   # --- build: records -> TFDS (array_record) + tokenizer --------------------
   c.build = ml_collections.ConfigDict()

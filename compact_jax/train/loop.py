@@ -208,7 +208,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
       ckpt.close()
       return TrainResult(start, resumed, {}, skipped=True)
 
-    train_step = step_lib.jit_train_step(setup, config, mesh)
+    train_step = step_lib.TrainStep(setup, config, mesh)
     last: dict[str, float] = {}
     pending: tuple[int, Any] | None = None  # (step, metrics) checked one step late
     t0, s0 = time.time(), start
@@ -246,27 +246,31 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         t0, s0 = time.time(), step
       last = host
 
-    for step in range(start + 1, cfg.total_steps + 1):
-      batch = step_lib.to_global_batch(next(data_iter), mesh)
-      state, metrics = train_step(state, batch)
-      # Reading step N-1's metrics after dispatching step N keeps the device
-      # busy while the host checks for NaN.
+    try:
+      for step in range(start + 1, cfg.total_steps + 1):
+        batch = step_lib.to_global_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        # Reading step N-1's metrics after dispatching step N keeps the device
+        # busy while the host checks for NaN.
+        if pending is not None:
+          check_and_log(*pending)
+        pending = (step, metrics)
+        if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps:
+          check_and_log(*pending)  # never checkpoint a non-finite state
+          pending = None
+          ckpt.save(
+            step,
+            state,
+            data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
+            meta=meta,
+            force=True,
+          )
       if pending is not None:
         check_and_log(*pending)
-      pending = (step, metrics)
-      if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps:
-        check_and_log(*pending)  # never checkpoint a non-finite state
-        pending = None
-        ckpt.save(
-          step,
-          state,
-          data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
-          meta=meta,
-          force=True,
-        )
-    if pending is not None:
-      check_and_log(*pending)
-    ckpt.close()
+    finally:
+      # An exception or Ctrl-C must not lose a checkpoint that is still being
+      # written in the background.
+      ckpt.close()
 
   if jax.process_index() == 0 and os.path.exists(writer.path):
     plot_loss(writer.path, os.path.join(out_dir, "loss.png"))

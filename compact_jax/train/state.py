@@ -35,19 +35,8 @@ def build_model(
   model_cfg: ml_collections.ConfigDict, *, vocab_size: int, image_size: int, seed: int
 ):
   """The VLM described by ``config.model`` (random init)."""
-  return vlm_lib.VLM(
-    vlm_lib.VLMConfig(
-      vit_variant=model_cfg.vit_variant,
-      connector=model_cfg.connector,
-      llm_variant=model_cfg.llm_variant,
-      vocab_size=vocab_size,
-      image_size=image_size,
-      vit_output_layer=model_cfg.vit_output_layer,
-      scan_layers=model_cfg.scan_layers,
-      remat_policy=model_cfg.remat_policy,
-      dtype=model_cfg.dtype,
-    ),
-    rngs=nnx.Rngs(seed),
+  return vlm_lib.VLM.from_config(
+    model_cfg, vocab_size=vocab_size, image_size=image_size, rngs=nnx.Rngs(seed)
   )
 
 

@@ -1,0 +1,75 @@
+r"""The launcher: ``python -m compact_jax.main --config=configs/X.py[:arg] --workdir=DIR``.
+
+Runs the stages that ``config.stages`` lists, in order. Each stage is a library
+function ``run_<stage>(config, workdir)`` that Colab and tests call directly;
+this file only parses flags and dispatches.
+
+  python -m compact_jax.main --config=configs/tiny_world.py --workdir=/tmp/tw
+  python -m compact_jax.main --config=configs/tiny_world.py:smoke --workdir=/tmp/s \
+      --config.stages='("train","eval")' --config.train.total_steps=50
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file (path[:arg]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where every stage reads and writes.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Redo finished stages instead of skipping them.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _stage_fns() -> dict[str, Callable]:
+  # Imported here so `--help` and config errors do not pay for jax/tfds imports.
+  from compact_jax.data.build import run_build
+  from compact_jax.eval.run import run_eval
+  from compact_jax.train.loop import run_train
+  from compact_jax.world.generate import run_generate
+
+  return {"generate": run_generate, "build": run_build, "train": run_train, "eval": run_eval}
+
+
+def run(config, workdir: str) -> dict:
+  """Runs ``config.stages`` in order; returns each stage's result."""
+  stages = _stage_fns()
+  unknown = [s for s in config.stages if s not in stages]
+  if unknown:
+    raise ValueError(f"Unknown stage(s) {unknown}; choose from {list(stages)}")
+  os.makedirs(workdir, exist_ok=True)
+  from compact_jax import runtime
+
+  runtime.enable_compilation_cache(config.compilation_cache_dir)
+  results = {}
+  for name in config.stages:
+    t0 = time.time()
+    logging.info("=== stage %s ===", name)
+    results[name] = stages[name](config, workdir)
+    logging.info("=== stage %s done in %.1fs ===", name, time.time() - t0)
+  return results
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if _OVERWRITE.value:
+    with config.unlocked():
+      config.overwrite = True
+  logging.getLogger().setLevel(logging.INFO)
+  from absl import logging as absl_logging
+
+  absl_logging.set_stderrthreshold("info")
+  run(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))
