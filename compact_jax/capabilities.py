@@ -11,29 +11,29 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 CAPABILITIES: tuple[str, ...] = (
-    "color",
-    "shape",
-    "object_recognition",
-    "action_recognition",
-    "text_recognition",
-    "spatial_recognition",
-    "counting",
-    "spatial_relationship",
-    "object_interaction",
-    "scene_understanding",
+  "color",
+  "shape",
+  "object_recognition",
+  "action_recognition",
+  "text_recognition",
+  "spatial_recognition",
+  "counting",
+  "spatial_relationship",
+  "object_interaction",
+  "scene_understanding",
 )
 
 DEFINITIONS: dict[str, str] = {
-    "color": "Name or compare the colour of an object or region.",
-    "shape": "Tell the geometric form or outline of an object (round, square, triangular, ...).",
-    "object_recognition": "Say what kind of thing an object is (a car, a tree, a cup, ...).",
-    "action_recognition": "Say what an object or person is doing, or which way it is moving.",
-    "text_recognition": "Read characters, words or numbers written in the image.",
-    "spatial_recognition": "Locate something in the frame: which part of the image it is in.",
-    "counting": "Count how many objects of some kind there are.",
-    "spatial_relationship": "Relate two objects in space: left of, right of, above, below.",
-    "object_interaction": "Tell how two objects interact or are connected to each other.",
-    "scene_understanding": "Say what kind of place or setting the whole image shows.",
+  "color": "Name or compare the colour of an object or region.",
+  "shape": "Tell the geometric form or outline of an object (round, square, triangular, ...).",
+  "object_recognition": "Say what kind of thing an object is (a car, a tree, a cup, ...).",
+  "action_recognition": "Say what an object or person is doing, or which way it is moving.",
+  "text_recognition": "Read characters, words or numbers written in the image.",
+  "spatial_recognition": "Locate something in the frame: which part of the image it is in.",
+  "counting": "Count how many objects of some kind there are.",
+  "spatial_relationship": "Relate two objects in space: left of, right of, above, below.",
+  "object_interaction": "Tell how two objects interact or are connected to each other.",
+  "scene_understanding": "Say what kind of place or setting the whole image shows.",
 }
 
 

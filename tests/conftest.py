@@ -7,9 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import tempfile  # noqa: E402
+import tempfile
 
-import jax  # noqa: E402
+import jax
 
 # One persistent compilation cache per test session, shared by xdist workers:
 # many tests build the same tiny models, and XLA:CPU compiles are slow.

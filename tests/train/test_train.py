@@ -1,6 +1,5 @@
 """The trainer: device-count invariance, bounded compiles, exact resume, NaN stop."""
 
-import io
 import json
 import os
 
