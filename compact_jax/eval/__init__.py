@@ -1,0 +1,1 @@
+"""Evaluation: greedy decoding with a KV cache (``decode``), benchmarks, metrics, by-k analysis."""

@@ -1,0 +1,214 @@
+"""Batched greedy decoding with a KV cache, for a ``models.vlm.VLM``.
+
+Einsum letters: B batch, P prompt len, N image tokens, S cache len
+(N + P + max_new_tokens), L layers, K kv heads, H head dim.
+
+Prompts are LEFT-padded (``prompt_mask`` False on the left), so every row's
+last prompt token sits at the same index and generated tokens are written to
+the same cache slot for the whole batch. The prefix (valid image tokens + valid
+prompt tokens) attends to itself fully (prefix-LM); each generated token
+attends to the prefix, to earlier generated tokens and to itself. Positions
+count valid tokens only, so padding never shifts RoPE and a row's output does
+not depend on what else is in its batch.
+
+``make_greedy_decoder`` jits one function per (batch, prompt length, image)
+shape; the decode loop is a ``lax.while_loop`` with a fixed-size cache
+``float[L, B, S, K, H]``, so nothing retraces per token.
+``greedy_decode_reference`` re-runs the training forward pass instead, and is
+the yardstick the tests hold the cached decoder to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from compact_jax.models.vlm import VLM, make_attn_mask
+
+
+def _check_inputs(image, prompt_tokens, prompt_mask, has_image) -> None:
+  """Host-side checks with errors that say what is wrong (inside jit they would be silent)."""
+  if np.ndim(prompt_tokens) != 2:
+    raise ValueError(f"prompt_tokens must be int32[B, P], got shape {np.shape(prompt_tokens)}")
+  b, p = np.shape(prompt_tokens)
+  if np.shape(prompt_mask) != (b, p):
+    raise ValueError(f"prompt_mask has shape {np.shape(prompt_mask)}, expected {(b, p)}")
+  if np.shape(has_image) != (b,):
+    raise ValueError(f"has_image has shape {np.shape(has_image)}, expected {(b,)}")
+  if np.ndim(image) != 4 or np.shape(image)[0] != b:
+    raise ValueError(f"image must be float32[{b}, H, W, 3], got shape {np.shape(image)}")
+  mask = np.asarray(prompt_mask, bool)
+  if not mask[:, -1].all():
+    rows = np.flatnonzero(~mask[:, -1]).tolist()
+    raise ValueError(
+      f"Prompts must be left-padded with a non-empty prompt: rows {rows} end in padding"
+    )
+  # Left padding means each row's mask is False...False True...True.
+  bad = np.flatnonzero((np.diff(mask.astype(np.int8), axis=1) < 0).any(axis=1)).tolist()
+  if bad:
+    raise ValueError(f"Prompts must be left-padded: rows {bad} have padding after a valid token")
+
+
+class GreedyDecoder:
+  """``decoder(params_state, image, prompt_tokens, prompt_mask, has_image) -> int32[B, max_new_tokens]``.
+
+  Built by ``make_greedy_decoder``. ``num_traces`` counts how often the
+  decode function was traced (once per input shape), so callers and tests can
+  see that repeated calls do not recompile.
+  """
+
+  def __init__(self, graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int):
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    self.graphdef = graphdef
+    self.max_new_tokens = max_new_tokens
+    self.eos_id = eos_id
+    self.pad_id = pad_id
+    self.num_traces = 0
+    self._jitted = jax.jit(self._decode)
+
+  def __call__(
+    self,
+    params_state: nnx.State,
+    image: jax.Array,
+    prompt_tokens: jax.Array,
+    prompt_mask: jax.Array,
+    has_image: jax.Array,
+  ) -> jax.Array:
+    """Greedy continuations.
+
+    Args:
+      params_state: the model's state, as from ``nnx.split(model)``.
+      image: float32[B, H, W, 3] in [-1, 1] (any values where has_image is False).
+      prompt_tokens: int32[B, P], left-padded.
+      prompt_mask: bool[B, P], False on the left padding.
+      has_image: bool[B].
+
+    Returns:
+      int32[B, max_new_tokens]: generated tokens; after a row's EOS (which is
+      kept) every token is ``pad_id``.
+    """
+    _check_inputs(image, prompt_tokens, prompt_mask, has_image)
+    return self._jitted(
+      params_state,
+      jnp.asarray(image, jnp.float32),
+      jnp.asarray(prompt_tokens, jnp.int32),
+      jnp.asarray(prompt_mask, bool),
+      jnp.asarray(has_image, bool),
+    )
+
+  def _decode(self, state, image, prompt_tokens, prompt_mask, has_image):
+    self.num_traces += 1  # runs at trace time only
+    model: VLM = nnx.merge(self.graphdef, state)
+    lm = model.llm
+    b = prompt_tokens.shape[0]
+    max_new = self.max_new_tokens
+
+    # Prefill: the whole prefix in one pass, writing cache slots [0, N + P).
+    x, valid, _ = model.embed_prefix(image, prompt_tokens, prompt_mask, has_image)
+    prefix_len = x.shape[1]
+    prefix_attn = make_attn_mask(valid, jnp.zeros_like(valid, jnp.int32))
+    # Slots after the prefix are still empty: nothing attends to them.
+    mask = jnp.pad(prefix_attn, ((0, 0), (0, 0), (0, max_new)))
+    positions = jnp.cumsum(valid, axis=1) - 1
+    _, aux = lm(x, positions, mask, cache=lm.init_cache(b, prefix_len + max_new), cache_index=0)
+    # With left padding the last prefix slot is every row's last prompt token.
+    first = jnp.argmax(lm.logits(aux["pre_logits"][:, -1:])[:, 0], axis=-1).astype(jnp.int32)
+
+    out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
+    done = first == self.eos_id
+    kv_valid = jnp.pad(valid, ((0, 0), (0, max_new)))
+    num_valid = valid.sum(axis=1).astype(jnp.int32)
+
+    def cond(carry):
+      t, _, done, _, _ = carry
+      return (t < max_new) & ~jnp.all(done)
+
+    def step(carry):
+      # Feed token t-1 (cache slot prefix_len + t - 1), predict token t.
+      t, out, done, cache, kv_valid = carry
+      slot = prefix_len + t - 1
+      kv_valid = kv_valid.at[:, slot].set(True)
+      prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)
+      pos = (num_valid + t - 1)[:, None]
+      logits, aux = lm(lm.embed(prev), pos, kv_valid[:, None, :], cache=cache, cache_index=slot)
+      tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+      tok = jnp.where(done, self.pad_id, tok)
+      out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
+      return t + 1, out, done | (tok == self.eos_id), aux["kv_cache"], kv_valid
+
+    carry = (jnp.int32(1), out, done, aux["kv_cache"], kv_valid)
+    return jax.lax.while_loop(cond, step, carry)[1]
+
+
+def make_greedy_decoder(
+  graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int
+) -> GreedyDecoder:
+  """A jitted greedy decoder for models with this graphdef (see ``GreedyDecoder``)."""
+  return GreedyDecoder(graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_logits(graphdef, state, *batch):
+  # graphdef is static, so models of one architecture share a compile.
+  return nnx.merge(graphdef, state)(*batch)[0]
+
+
+def greedy_decode_reference(
+  model: VLM,
+  image: jax.Array,
+  prompt_tokens: jax.Array,
+  prompt_mask: jax.Array,
+  has_image: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+) -> np.ndarray:
+  """Greedy decoding by full forward passes, no cache (slow; for tests and debugging).
+
+  Each step runs ``VLM.__call__`` on ``[prompt ; generated so far]`` with
+  mask_ar 0 on the prompt and 1 on generated tokens, exactly as the trainer
+  sees a prompt and its answer, and takes the argmax at the last valid
+  position. The sequence is right-padded to P + max_new_tokens with invalid
+  tokens so that one compiled forward serves every step.
+
+  Returns:
+    int32[B, max_new_tokens], ``pad_id`` after each row's EOS.
+  """
+  _check_inputs(image, prompt_tokens, prompt_mask, has_image)
+  graphdef, state = nnx.split(model)
+  b, p = np.shape(prompt_tokens)
+  tokens = np.full((b, p + max_new_tokens), pad_id, np.int32)
+  tokens[:, :p] = np.asarray(prompt_tokens)
+  mask_input = np.zeros((b, p + max_new_tokens), bool)
+  mask_input[:, :p] = np.asarray(prompt_mask, bool)
+  mask_ar = np.zeros((b, p + max_new_tokens), np.int32)
+  mask_ar[:, p:] = 1
+  out = np.full((b, max_new_tokens), pad_id, np.int32)
+  done = np.zeros((b,), bool)
+  image = jnp.asarray(image, jnp.float32)
+  has_image = jnp.asarray(has_image, bool)
+  for t in range(max_new_tokens):
+    logits = _forward_logits(
+      graphdef,
+      state,
+      image,
+      jnp.asarray(tokens),
+      jnp.asarray(mask_ar),
+      jnp.asarray(mask_input),
+      has_image,
+    )
+    tok = np.asarray(jnp.argmax(logits[:, p + t - 1], axis=-1), np.int32)
+    tok = np.where(done, pad_id, tok)
+    out[:, t] = tok
+    tokens[:, p + t] = tok
+    mask_input[:, p + t] = True
+    done |= tok == eos_id
+    if done.all():
+      break
+  return out

@@ -1,0 +1,356 @@
+"""SigLIP-style ViT image encoder (big_vision ``models/vit.py`` names, ``pool_type="none"``).
+
+Einsum letters:
+  B batch, T query len, S key len, N heads, H head dim, D model dim, F mlp dim,
+  L layers, Y/X patch-grid rows/cols, P/Q offsets inside a patch, C channels.
+
+The parameter tree matches big_vision's so its npz checkpoints load by name
+(see ``reference_codebases.md`` §3.2): ``embedding/{kernel,bias}``,
+``pos_embedding``, ``Transformer/encoderblock/...`` (stacked on a leading layer
+axis when scanned, ``encoderblock_{i}`` otherwise) and ``Transformer/encoder_norm``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from compact_jax.models import (
+  check_remat_policy,
+  compute_dtype,
+  remat_layer,
+  scan_stacked,
+  stack_layers,
+)
+from compact_jax.sharding import constrain, param
+
+ACT = ("act_batch", "act_len", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTVariant:
+  """A ViT's size. ``head_dim`` is ``width // num_heads`` as in big_vision."""
+
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+
+  def __post_init__(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"ViT width {self.width} is not divisible by num_heads {self.num_heads}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+
+# name -> (width, depth, mlp_dim, num_heads); the patch size comes from "/P".
+# B, L and So400m are big_vision's (vit.py decode_variant); tiny and smoke run on a CPU.
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+  "smoke": (32, 1, 64, 2),
+  "tiny": (128, 4, 512, 4),
+  "B": (768, 12, 3072, 12),
+  "L": (1024, 24, 4096, 16),
+  "So400m": (1152, 27, 4304, 16),
+}
+
+
+def decode_variant(name: str) -> ViTVariant:
+  """Parses ``"So400m/14"`` into a ``ViTVariant`` (any patch size after the slash)."""
+  m = re.fullmatch(r"([A-Za-z0-9]+)/(\d+)", name)
+  if not m or m.group(1) not in VARIANTS:
+    raise ValueError(
+      f"Unknown ViT variant {name!r}; expected NAME/PATCH with NAME in {list(VARIANTS)}"
+    )
+  width, depth, mlp_dim, heads = VARIANTS[m.group(1)]
+  return ViTVariant(width, depth, mlp_dim, heads, int(m.group(2)))
+
+
+def lecun_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+  """Normal init with variance 1/fan_in (fan_in is explicit: kernels here are not 2-D)."""
+  return jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)
+
+
+class Dense(nnx.Module):
+  """``y = x @ kernel + bias`` with ``kernel float32[Din, Dout]``."""
+
+  def __init__(
+    self,
+    din: int,
+    dout: int,
+    *,
+    axes: tuple[str | None, str | None] = ("embed", "mlp"),
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    self.kernel = param(lecun_normal(rngs.params(), (din, dout), din), axes)
+    self.bias = param(jnp.zeros((dout,), jnp.float32), axes[1:])
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[..., Din] -> float[..., Dout] in the compute dtype."""
+    y = jnp.einsum("...D,DF->...F", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis (eps 1e-6, as flax and HF SigLIP), in float32."""
+
+  def __init__(self, dim: int, *, dtype: str = "float32", eps: float = 1e-6):
+    self.scale = param(jnp.ones((dim,), jnp.float32), ("norm",))
+    self.bias = param(jnp.zeros((dim,), jnp.float32), ("norm",))
+    self.eps = eps
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class HeadsProjection(nnx.Module):
+  """Query/key/value projection: ``kernel float32[D, N, H]``, ``bias float32[N, H]``."""
+
+  def __init__(self, dim: int, heads: int, head_dim: int, *, dtype: str, rngs: nnx.Rngs):
+    shape = (dim, heads, head_dim)
+    self.kernel = param(lecun_normal(rngs.params(), shape, dim), ("embed", "heads", "head_dim"))
+    self.bias = param(jnp.zeros((heads, head_dim), jnp.float32), ("heads", "head_dim"))
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, T, D] -> float[B, T, N, H]."""
+    y = jnp.einsum("BTD,DNH->BTNH", x, self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class OutProjection(nnx.Module):
+  """Attention output: ``kernel float32[N, H, D]``, ``bias float32[D]``."""
+
+  def __init__(self, heads: int, head_dim: int, dim: int, *, dtype: str, rngs: nnx.Rngs):
+    shape = (heads, head_dim, dim)
+    kernel = lecun_normal(rngs.params(), shape, heads * head_dim)
+    self.kernel = param(kernel, ("heads", "head_dim", "embed"))
+    self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, T, N, H] -> float[B, T, D]."""
+    y = jnp.einsum("BTNH,NHD->BTD", x, self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+
+  def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
+    d, n, h = v.width, v.num_heads, v.head_dim
+    self.query = HeadsProjection(d, n, h, dtype=dtype, rngs=rngs)
+    self.key = HeadsProjection(d, n, h, dtype=dtype, rngs=rngs)
+    self.value = HeadsProjection(d, n, h, dtype=dtype, rngs=rngs)
+    self.out = OutProjection(n, h, d, dtype=dtype, rngs=rngs)
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, T, D] -> float[B, T, D]."""
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    q = q * (q.shape[-1] ** -0.5)
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    return self.out(jnp.einsum("BNTS,BSNH->BTNH", probs, v))
+
+
+class MlpBlock(nnx.Module):
+  """Dense -> GELU (tanh approximation, as big_vision and HF SigLIP) -> Dense."""
+
+  def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
+    self.Dense_0 = Dense(v.width, v.mlp_dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.Dense_1 = Dense(v.mlp_dim, v.width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.Dense_1(jax.nn.gelu(self.Dense_0(x), approximate=True))
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
+    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype)
+    self.MultiHeadDotProductAttention_0 = MultiHeadAttention(v, dtype=dtype, rngs=rngs)
+    self.LayerNorm_1 = LayerNorm(v.width, dtype=dtype)
+    self.MlpBlock_0 = MlpBlock(v, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, T, D] -> float[B, T, D]."""
+    x = x + self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
+    x = x + self.MlpBlock_0(self.LayerNorm_1(x))
+    return constrain(x, ACT)
+
+
+def _check_output_layer(output_layer: int, depth: int) -> None:
+  if not -depth <= output_layer <= -1:
+    raise ValueError(
+      f"vit output_layer must be in [-{depth}, -1] for depth {depth}, got {output_layer}"
+    )
+
+
+class Encoder(nnx.Module):
+  """The block stack plus ``encoder_norm`` (big_vision's ``Transformer``).
+
+  ``output_layer`` picks the features: -1 is the last block's output after
+  ``encoder_norm`` (big_vision/PaliGemma, HF ``last_hidden_state`` +
+  ``post_layernorm``). ``-n`` for n >= 2 is the raw residual stream after block
+  ``depth - n + 1`` *without* ``encoder_norm``, which is HF's
+  ``hidden_states[-n]`` as LLaVA uses with n = 2; the blocks after it are not
+  run (their params get zero gradient), and neither is ``encoder_norm``.
+  """
+
+  def __init__(
+    self,
+    v: ViTVariant,
+    *,
+    output_layer: int = -1,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    _check_output_layer(output_layer, v.depth)
+    self.depth = v.depth
+    self.output_layer = output_layer
+    self.scan = scan_layers
+    self.remat_policy = check_remat_policy(remat_policy)
+
+    def make(r: nnx.Rngs) -> EncoderBlock:
+      return EncoderBlock(v, dtype=dtype, rngs=r)
+
+    if scan_layers:
+      self.encoderblock = stack_layers(make, v.depth, rngs)
+    else:
+      for i in range(v.depth):
+        setattr(self, f"encoderblock_{i}", make(rngs))
+    self.encoder_norm = LayerNorm(v.width, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, T, D] -> float[B, T, D]."""
+    num_run = self.depth + 1 + self.output_layer
+    if self.scan:
+
+      def body(block, c, _):
+        return block(c), None
+
+      x, _ = scan_stacked(
+        self.encoderblock, body, x, remat_policy=self.remat_policy, num_layers=num_run
+      )
+    else:
+      run = remat_layer(lambda block, c: block(c), self.remat_policy)
+      for i in range(num_run):
+        x = run(getattr(self, f"encoderblock_{i}"), x)
+    return self.encoder_norm(x) if self.output_layer == -1 else x
+
+
+class PatchEmbedding(nnx.Module):
+  """A stride-P PxP conv, written as a reshape plus an einsum.
+
+  ``kernel float32[P, P, 3, D]`` is the conv's HWIO kernel, so big_vision's
+  ``embedding/kernel`` loads unchanged.
+  """
+
+  def __init__(self, patch: int, dim: int, *, dtype: str, rngs: nnx.Rngs):
+    fan_in = patch * patch * 3
+    kernel = lecun_normal(rngs.params(), (patch, patch, 3, dim), fan_in)
+    self.kernel = param(kernel, ("patch", "patch", "channels", "embed"))
+    self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+    self.patch = patch
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, image: jax.Array) -> jax.Array:
+    """float[B, H, W, 3] -> float[B, (H/P)*(W/P), D], patches in row-major order."""
+    b, h, w, c = image.shape
+    p = self.patch
+    x = image.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    x = jnp.einsum("BYPXQC,PQCD->BYXD", x, self.kernel[...].astype(self.dtype))
+    x = x + self.bias[...].astype(self.dtype)
+    return x.reshape(b, (h // p) * (w // p), -1)
+
+
+class ViT(nnx.Module):
+  """SigLIP image tower without pooling: one output token per patch.
+
+  Args:
+    variant: a ``VARIANTS`` string such as ``"So400m/14"`` or a ``ViTVariant``.
+    image_size: input side in pixels; must be a multiple of the patch size.
+    output_layer: see ``Encoder``.
+    head: an optional projection applied to the features (big_vision's
+      ``img/head``; PaliGemma's linear connector lives here).
+    scan_layers: stack the blocks and run them with ``lax.scan``.
+    remat_policy: a ``compact_jax.models.REMAT_POLICIES`` key.
+    dtype: compute dtype name; params stay float32.
+  """
+
+  def __init__(
+    self,
+    variant: str | ViTVariant,
+    *,
+    image_size: int,
+    output_layer: int = -1,
+    head: nnx.Module | None = None,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    v = decode_variant(variant) if isinstance(variant, str) else variant
+    _check_output_layer(output_layer, v.depth)
+    if image_size % v.patch_size:
+      raise ValueError(
+        f"image_size {image_size} is not a multiple of the patch size {v.patch_size}"
+      )
+    self.variant = v
+    self.image_size = image_size
+    self.num_patches = (image_size // v.patch_size) ** 2
+    self.embedding = PatchEmbedding(v.patch_size, v.width, dtype=dtype, rngs=rngs)
+    # big_vision's "learn" posemb init: normal with stddev 1/sqrt(width).
+    posemb = jax.random.normal(rngs.params(), (1, self.num_patches, v.width)) / math.sqrt(v.width)
+    self.pos_embedding = param(posemb, (None, "position", "embed"))
+    self.Transformer = Encoder(
+      v,
+      output_layer=output_layer,
+      scan_layers=scan_layers,
+      remat_policy=remat_policy,
+      dtype=dtype,
+      rngs=rngs,
+    )
+    self.head = head
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, image: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Encodes images.
+
+    Args:
+      image: float32[B, H, W, 3] in SigLIP's [-1, 1] range, H = W = image_size.
+
+    Returns:
+      (float[B, N, D_out], aux): N = (image_size / P)^2 tokens, D_out the
+      head's output width (or the ViT width without a head). aux holds
+      "stem" float[B, N, D] (patches + posemb) and "encoded" float[B, N, D].
+    """
+    if image.ndim != 4 or image.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(
+        f"ViT expects images float32[B, {self.image_size}, {self.image_size}, 3], got shape {image.shape}"
+      )
+    x = self.embedding(image) + self.pos_embedding[...].astype(self.dtype)
+    x = constrain(x, ACT)
+    aux = {"stem": x}
+    x = aux["encoded"] = self.Transformer(x)
+    if self.head is not None:
+      x = self.head(x)
+    return x, aux

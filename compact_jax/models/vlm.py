@@ -1,0 +1,268 @@
+"""The VLM: SigLIP ViT -> connector -> Gemma decoder, as a prefix-LM (PaliGemma-style).
+
+Einsum letters: B batch, N image tokens, T text len, S full sequence len
+(N + T), D model dim, V vocab, L layers.
+
+The LLM reads ``[N image tokens ; T text tokens]``. Image tokens are valid iff
+``has_image`` (a text-only example drops its image prefix from attention, so
+its pixels cannot matter). Attention follows big_vision's ``make_attn_mask``
+over ``mask_ar``: mask_ar = 0 tokens form a fully connected prefix with the
+image, mask_ar = 1 tokens are causal. Positions count valid tokens only.
+
+Parameter paths ('/'-joined ``nnx.state`` paths, big_vision names):
+``img/...`` (ViT; the linear connector is ``img/head``), ``connector/...``
+(the mlp2x_gelu connector), ``llm/...`` (decoder).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from compact_jax.models import connectors, llm, siglip
+from compact_jax.sharding import constrain
+
+
+def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
+  """big_vision's prefix-LM / causal attention mask.
+
+  Token i attends to token j iff both are valid and
+  ``cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]``. So a run of mask_ar = 0
+  tokens at the start is a full-attention prefix, and each mask_ar = 1 token
+  starts a new causal step. As in big_vision, a padding token's row is all
+  False too (its output is never read).
+
+  Args:
+    input_mask: bool[B, S], False on padding.
+    mask_ar: int32[B, S] (or bool).
+
+  Returns:
+    bool[B, S, S], indexed [batch, query, key].
+  """
+  cumsum = jnp.cumsum(mask_ar.astype(jnp.int32), axis=1)
+  causal = cumsum[:, None, :] <= cumsum[:, :, None]
+  valid = input_mask[:, None, :] & input_mask[:, :, None]
+  return causal & valid
+
+
+class VLM(nnx.Module):
+  """ViT + connector + decoder.
+
+  Args:
+    vit_variant: ``siglip.VARIANTS`` string ("tiny/16", "So400m/14") or a ``ViTVariant``.
+    connector: a ``connectors.CONNECTORS`` key ("linear", "mlp2x_gelu").
+    llm_variant: ``llm.VARIANTS`` key ("tiny", "gemma_2b") or an ``LLMVariant``.
+    vocab_size: the tokenizer's vocabulary size.
+    vit_output_layer: -1 (after encoder_norm) or -n (raw output n-1 blocks from
+      the end, LLaVA uses -2); see ``siglip.Encoder``.
+    image_size: input side in pixels.
+    scan_layers: scan both towers' layers (params stacked on a "layers" axis).
+    remat_policy: a ``compact_jax.models.REMAT_POLICIES`` key, for both towers.
+    dtype: compute dtype name ("float32", "bfloat16"); params stay float32.
+    rngs: init randomness.
+  """
+
+  def __init__(
+    self,
+    vit_variant: str | siglip.ViTVariant,
+    connector: str,
+    llm_variant: str | llm.LLMVariant,
+    vocab_size: int,
+    *,
+    vit_output_layer: int = -1,
+    image_size: int,
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    dtype: str = "float32",
+    rngs: nnx.Rngs,
+  ):
+    vit_v = siglip.decode_variant(vit_variant) if isinstance(vit_variant, str) else vit_variant
+    llm_v = llm.decode_variant(llm_variant) if isinstance(llm_variant, str) else llm_variant
+    spec = connectors.get_connector(connector)
+    proj = spec.make(vit_v.width, llm_v.width, dtype=dtype, rngs=rngs)
+    common = dict(scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype, rngs=rngs)
+    self.img = siglip.ViT(
+      vit_v,
+      image_size=image_size,
+      output_layer=vit_output_layer,
+      head=proj if spec.inside_vit else None,
+      **common,
+    )
+    self.connector = None if spec.inside_vit else proj
+    self.llm = llm.Decoder(llm_v, vocab_size, **common)
+
+  @classmethod
+  def from_config(
+    cls, model_config: Any, *, vocab_size: int, image_size: int, rngs: nnx.Rngs
+  ) -> VLM:
+    """Builds the model from ``config.model`` (see configs/base.py)."""
+    c = model_config
+    return cls(
+      c.vit_variant,
+      c.connector,
+      c.llm_variant,
+      vocab_size,
+      vit_output_layer=c.vit_output_layer,
+      image_size=image_size,
+      scan_layers=c.scan_layers,
+      remat_policy=c.remat_policy,
+      dtype=c.dtype,
+      rngs=rngs,
+    )
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.img.num_patches
+
+  def _embed_image(self, image: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    z, img_aux = self.img(image)
+    if self.connector is not None:
+      z = self.connector(z)
+    aux = {f"img/{k}": val for k, val in img_aux.items()}
+    aux["img/zimg"] = z
+    return z, aux
+
+  def embed_image(self, image: jax.Array) -> jax.Array:
+    """float32[B, H, W, 3] in [-1, 1] -> float[B, N, D_llm] image tokens for the LLM."""
+    return self._embed_image(image)[0]
+
+  def embed_prefix(
+    self, image: jax.Array, tokens: jax.Array, mask_input: jax.Array, has_image: jax.Array
+  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Embeds ``[image tokens ; text tokens]`` and marks which are valid.
+
+    Args:
+      image: float32[B, H, W, 3].
+      tokens: int32[B, T].
+      mask_input: bool[B, T], False on padding.
+      has_image: bool[B]; False makes all N image tokens invalid.
+
+    Returns:
+      (x float[B, N + T, D], valid bool[B, N + T], aux).
+    """
+    zimg, aux = self._embed_image(image)
+    ztxt = self.llm.embed(tokens)
+    x = jnp.concatenate([zimg.astype(ztxt.dtype), ztxt], axis=1)
+    img_valid = jnp.broadcast_to(has_image.astype(bool)[:, None], zimg.shape[:2])
+    valid = jnp.concatenate([img_valid, mask_input.astype(bool)], axis=1)
+    return constrain(x, llm.ACT), valid, aux
+
+  def __call__(
+    self,
+    image: jax.Array,
+    tokens: jax.Array,
+    mask_ar: jax.Array,
+    mask_input: jax.Array,
+    has_image: jax.Array,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training forward pass.
+
+    Args:
+      image: float32[B, H, W, 3] in SigLIP's [-1, 1] range.
+      tokens: int32[B, T] text tokens.
+      mask_ar: int32[B, T]; 0 = prefix (full attention with the image), 1 = causal.
+      mask_input: bool[B, T], False on padding.
+      has_image: bool[B].
+
+    Returns:
+      (logits float32[B, T, V], aux). The logit at text position t predicts
+      token t + 1. aux: "img/stem", "img/encoded", "img/zimg" float[B, N, D_llm],
+      "llm/pre_logits" float[B, T, D_llm] (text positions).
+    """
+    b, t = tokens.shape
+    for name, arr in (("mask_ar", mask_ar), ("mask_input", mask_input)):
+      if arr.shape != (b, t):
+        raise ValueError(f"VLM: {name} has shape {arr.shape}, expected tokens' shape {(b, t)}")
+    if has_image.shape != (b,):
+      raise ValueError(f"VLM: has_image has shape {has_image.shape}, expected {(b,)}")
+    x, valid, aux = self.embed_prefix(image, tokens, mask_input, has_image)
+    n = x.shape[1] - t
+    full_ar = jnp.concatenate([jnp.zeros((b, n), jnp.int32), mask_ar.astype(jnp.int32)], axis=1)
+    positions = jnp.cumsum(valid, axis=1) - 1
+    logits, llm_aux = self.llm(x, positions, make_attn_mask(valid, full_ar))
+    aux["llm/pre_logits"] = llm_aux["pre_logits"][:, n:]
+    return logits[:, n:], aux
+
+
+# --- flat '/'-joined parameter views ---------------------------------------------------
+
+
+def flat_params(state: nnx.State) -> dict[str, jax.Array]:
+  """'/'-joined path -> value for every variable in ``state`` (e.g. ``nnx.state(model)``)."""
+  return {"/".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def param_paths(state: nnx.State) -> dict[str, tuple[int, ...]]:
+  """'/'-joined path -> shape, e.g. ``{"llm/final_norm/scale": (192,), ...}``."""
+  return {k: tuple(np.shape(v)) for k, v in flat_params(state).items()}
+
+
+def param_logical_axes(state: nnx.State) -> dict[str, tuple[str | None, ...]]:
+  """'/'-joined path -> logical axis names (the ``out_sharding`` metadata)."""
+  return {
+    "/".join(str(p) for p in path): tuple(var.get_metadata().get("out_sharding") or ())
+    for path, var in nnx.to_flat_state(state)
+  }
+
+
+def load_flat_params(model: nnx.Module, flat: Mapping[str, Any]) -> None:
+  """Sets ``model``'s params from a '/'-joined dict; keys and shapes must match exactly."""
+  state = nnx.state(model)
+  have = param_paths(state)
+  missing = sorted(set(have) - set(flat))
+  extra = sorted(set(flat) - set(have))
+  if missing or extra:
+    raise KeyError(f"load_flat_params: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
+  for path, var in nnx.to_flat_state(state):
+    key = "/".join(str(p) for p in path)
+    value = jnp.asarray(flat[key])
+    if value.shape != have[key]:
+      raise ValueError(
+        f"load_flat_params: {key} has shape {value.shape}, model expects {have[key]}"
+      )
+    var.set_value(value.astype(var.get_value().dtype))
+  nnx.update(model, state)
+
+
+# Scanned layer containers and their per-layer spelling (big_vision's
+# scan_to_pyloop): img/Transformer/encoderblock/... <-> .../encoderblock_{i}/...
+_STACKED = re.compile(r"^(.*?(?:^|/)(?:encoderblock|layers))/(.+)$")
+_PER_LAYER = re.compile(r"^(.*?(?:^|/)(?:encoderblock|layers))_(\d+)/(.+)$")
+
+
+def scanned_to_per_layer(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Splits stacked ``encoderblock/``/``layers/`` params into ``encoderblock_{i}/``/``layers_{i}/``."""
+  out: dict[str, Any] = {}
+  for key, value in flat.items():
+    m = _STACKED.match(key)
+    if not m:
+      out[key] = value
+      continue
+    for i in range(np.shape(value)[0]):
+      out[f"{m.group(1)}_{i}/{m.group(2)}"] = value[i]
+  return out
+
+
+def per_layer_to_scanned(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Stacks ``encoderblock_{i}/``/``layers_{i}/`` params on a new leading axis (inverse of above)."""
+  out: dict[str, Any] = {}
+  groups: dict[str, dict[int, Any]] = {}
+  for key, value in flat.items():
+    m = _PER_LAYER.match(key)
+    if not m:
+      out[key] = value
+      continue
+    groups.setdefault(f"{m.group(1)}/{m.group(3)}", {})[int(m.group(2))] = value
+  for key, layers in groups.items():
+    if sorted(layers) != list(range(len(layers))):
+      raise ValueError(
+        f"per_layer_to_scanned: {key} has layer indices {sorted(layers)}, not 0..{len(layers) - 1}"
+      )
+    out[key] = jnp.stack([jnp.asarray(layers[i]) for i in range(len(layers))])
+  return out
