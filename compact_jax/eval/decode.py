@@ -111,7 +111,9 @@ class GreedyDecoder:
     # Prefill: the whole prefix in one pass, writing cache slots [0, N + P).
     x, valid, _ = model.embed_prefix(image, prompt_tokens, prompt_mask, has_image)
     prefix_len = x.shape[1]
-    prefix_attn = make_attn_mask(valid, jnp.zeros_like(valid, jnp.int32))
+    n_img = prefix_len - prompt_tokens.shape[1]
+    prompt_ar = jnp.zeros_like(prompt_tokens, jnp.int32)
+    prefix_attn = make_attn_mask(valid, model.full_mask_ar(n_img, prompt_ar))
     # Slots after the prefix are still empty: nothing attends to them.
     mask = jnp.pad(prefix_attn, ((0, 0), (0, 0), (0, max_new)))
     positions = jnp.cumsum(valid, axis=1) - 1

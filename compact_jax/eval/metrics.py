@@ -102,6 +102,39 @@ def _sort_key(key: str):
   return (0, int(key), "") if key.isdigit() else (1, 0, key)
 
 
+def query_family(qtype: str) -> str:
+  """The query part of a program name: ``"count(moving,object)"`` -> ``"count"``."""
+  return qtype.split("(", 1)[0]
+
+
+@dataclass(frozen=True)
+class MajorityBaseline:
+  """Predicts the most frequent train answer of a question's type.
+
+  Test questions may be of types never seen in training (more constraints at
+  higher k); they fall back to the majority answer of the same query family,
+  then to the overall majority, so the baseline always answers.
+  """
+
+  by_qtype: dict[str, str]
+  by_family: dict[str, str]
+  overall: str
+
+  @classmethod
+  def fit(cls, pairs: Iterable[tuple[str, str]]) -> MajorityBaseline:
+    pairs = list(pairs)
+    return cls(
+      by_qtype=majority_answers(pairs),
+      by_family=majority_answers((query_family(q), a) for q, a in pairs),
+      overall=majority_answers(("all", a) for _, a in pairs).get("all", ""),
+    )
+
+  def predict(self, qtype: str) -> str:
+    if qtype in self.by_qtype:
+      return self.by_qtype[qtype]
+    return self.by_family.get(query_family(qtype), self.overall)
+
+
 def majority_answers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
   """question type -> its most frequent normalised answer (ties: alphabetical)."""
   counts: dict[str, Counter] = defaultdict(Counter)

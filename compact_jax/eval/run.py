@@ -163,7 +163,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     raise ValueError(f"Split {config.eval.split!r} has no question/answer pairs")
   train_source = build_lib.load_split(config, workdir, "train")
   train_qs, _ = collect_questions(train_source)
-  majority = metrics_lib.majority_answers((q.qtype, q.answer) for q in train_qs)
+  majority = metrics_lib.MajorityBaseline.fit((q.qtype, q.answer) for q in train_qs)
 
   predict = Predictor(graphdef, params, tokenizer, template, config, mesh)
   suffix = config.eval.prompt_suffix
@@ -208,7 +208,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
 
   correct = [metrics_lib.exact_match(p, q.answer) for p, q in zip(preds, questions)]
   correct_blind = [metrics_lib.exact_match(p, q.answer) for p, q in zip(blind, questions)]
-  maj = [majority.get(q.qtype, "") for q in questions]
+  maj = [majority.predict(q.qtype) for q in questions]
   correct_maj = [metrics_lib.exact_match(m, q.answer) for m, q in zip(maj, questions)]
 
   model_table = metrics_lib.accuracy_table(questions, correct)

@@ -40,3 +40,12 @@ def test_accuracy_table_hand_computed():
 def test_majority_answers_per_type_with_deterministic_ties():
   pairs = [("color", "Red"), ("color", "red"), ("color", "blue"), ("count", "2"), ("count", "1")]
   assert metrics_lib.majority_answers(pairs) == {"color": "red", "count": "1"}
+
+
+def test_majority_baseline_falls_back_to_the_query_family():
+  base = metrics_lib.MajorityBaseline.fit(
+      [("count(color)", "2"), ("count(color)", "2"), ("count(shape)", "3"), ("color(shape)", "red")]
+  )
+  assert base.predict("count(color)") == "2"
+  assert base.predict("count(color,shape,region)") == "2"  # unseen type, same query
+  assert base.predict("scene") == "2"  # unseen family: the overall majority
