@@ -31,11 +31,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _stage_fns() -> dict[str, Callable]:
   # Imported here so `--help` and config errors do not pay for jax/tfds imports.
   from compact_jax.data.build import run_build
+  from compact_jax.datagen.mix import run_mix
+  from compact_jax.datagen.stages import run_datagen, run_merge
   from compact_jax.eval.run import run_eval
   from compact_jax.train.loop import run_train
   from compact_jax.world.generate import run_generate
 
-  return {"generate": run_generate, "build": run_build, "train": run_train, "eval": run_eval}
+  return {
+    "generate": run_generate,
+    "build": run_build,
+    "train": run_train,
+    "eval": run_eval,
+    "datagen": run_datagen,
+    "merge": run_merge,
+    "mix": run_mix,
+  }
 
 
 def run(config, workdir: str) -> dict:

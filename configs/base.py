@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.heldout_test_rate = 0.25
   # COMPACT's first human turn carries LLaVA's short-answer instruction.
   c.world.answer_suffix = SHORT_ANSWER
-  c.world.max_attempts_per_question = 64
+  c.world.max_attempts_per_question = 32
   # Processes generating images (0: this one; -1: one per core). The output does
   # not depend on it.
   c.world.num_workers = -1

@@ -45,7 +45,8 @@ def test_all_stages_write_their_outputs(smoke_run):
     assert set(table["by_k"]) <= {"1", "2", "3", "4", "5"} and table["by_k"]
     for entry in [*table["by_k"].values(), *table["by_capability"].values()]:
       assert set(entry) == {"accuracy", "n"} and 0 <= entry["accuracy"] <= 1 and entry["n"] > 0
-  n_pred = sum(1 for _ in open(os.path.join(workdir, "eval/predictions.jsonl")))
+  with open(os.path.join(workdir, "eval/predictions.jsonl")) as f:
+    n_pred = sum(1 for _ in f)
   assert n_pred == res["num_questions"] == sum(e["n"] for e in res["by_k"].values())
 
 

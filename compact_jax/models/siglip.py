@@ -18,6 +18,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from compact_jax.models import (
@@ -60,6 +61,33 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
   "L": (1024, 24, 4096, 16),
   "So400m": (1152, 27, 4304, 16),
 }
+
+
+# Released towers (HF repo ids; big_vision's npz files hold the same weights) at
+# the resolutions the MLLM literature uses. Tokens = (image_size / patch)^2.
+# So400m/14@448 has no SigLIP 1 release: PaliGemma-448 resamples the 384/224
+# position embeddings (``resample_posemb``), as ``load_siglip_vision(image_size=448)`` does.
+RELEASES: dict[str, tuple[str, int, str | None]] = {
+  "B/16@224": ("B/16", 224, "google/siglip-base-patch16-224"),  # 196 tokens
+  "B/16@384": ("B/16", 384, "google/siglip-base-patch16-384"),  # 576 tokens
+  "L/16@384": ("L/16", 384, "google/siglip-large-patch16-384"),  # 576 tokens
+  "So400m/14@224": ("So400m/14", 224, "google/siglip-so400m-patch14-224"),  # 256 tokens
+  "So400m/14@384": ("So400m/14", 384, "google/siglip-so400m-patch14-384"),  # 729 tokens
+  "So400m/14@448": ("So400m/14", 448, None),  # 1024 tokens, resampled
+}
+
+
+def decode_tower(name: str) -> tuple[ViTVariant, int]:
+  """``"So400m/14@384"`` -> (variant, image size); any ``NAME/PATCH@SIZE`` with SIZE % PATCH == 0."""
+  m = re.fullmatch(r"(.+)@(\d+)", name)
+  if not m:
+    raise ValueError(
+      f"Unknown SigLIP tower {name!r}; expected NAME/PATCH@SIZE, e.g. {list(RELEASES)}"
+    )
+  v, size = decode_variant(m.group(1)), int(m.group(2))
+  if size % v.patch_size:
+    raise ValueError(f"SigLIP tower {name!r}: {size} px is not a multiple of patch {v.patch_size}")
+  return v, size
 
 
 def decode_variant(name: str) -> ViTVariant:
@@ -149,7 +177,8 @@ class OutProjection(nnx.Module):
 
 
 class MultiHeadAttention(nnx.Module):
-  """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+  """Bidirectional multi-head attention with biased q/k/v/out projections
+  (self-attention, or cross-attention when ``kv`` is given)."""
 
   def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
     d, n, h = v.width, v.num_heads, v.head_dim
@@ -159,9 +188,10 @@ class MultiHeadAttention(nnx.Module):
     self.out = OutProjection(n, h, d, dtype=dtype, rngs=rngs)
     self.dtype = compute_dtype(dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """float[B, T, D] -> float[B, T, D]."""
-    q, k, v = self.query(x), self.key(x), self.value(x)
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None) -> jax.Array:
+    """float[B, T, D] (queries), optional float[B, S, D] (keys/values) -> float[B, T, D]."""
+    kv = x if kv is None else kv
+    q, k, v = self.query(x), self.key(kv), self.value(kv)
     q = q * (q.shape[-1] ** -0.5)
     logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -193,6 +223,57 @@ class EncoderBlock(nnx.Module):
     x = x + self.MultiHeadDotProductAttention_0(self.LayerNorm_0(x))
     x = x + self.MlpBlock_0(self.LayerNorm_1(x))
     return constrain(x, ACT)
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision ``MAPHead``, HF
+  ``SiglipMultiheadAttentionPoolingHead``): a learned probe attends over the
+  tokens, then a residual MLP; ``probe float32[1, 1, D]``."""
+
+  def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
+    probe = jax.random.normal(rngs.params(), (1, 1, v.width)) / math.sqrt(v.width)
+    self.probe = param(probe, (None, None, "embed"))
+    self.MultiHeadDotProductAttention_0 = MultiHeadAttention(v, dtype=dtype, rngs=rngs)
+    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype)
+    self.MlpBlock_0 = MlpBlock(v, dtype=dtype, rngs=rngs)
+    self.dtype = compute_dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """float[B, N, D] -> float[B, D]."""
+    probe = jnp.broadcast_to(self.probe[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+    x = self.MultiHeadDotProductAttention_0(probe, x)
+    x = x + self.MlpBlock_0(self.LayerNorm_0(x))
+    return x[:, 0]
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: int) -> np.ndarray:
+  """Bilinear resampling of ``float[1, G*G, D]`` position embeddings to ``new_grid``^2.
+
+  Corner-aligned like big_vision's ``resample_posemb`` (``scipy.ndimage.zoom``
+  with ``order=1``): output row o samples input row ``o * (G - 1) / (G' - 1)``.
+  Used when a checkpoint's resolution differs from the model's.
+  """
+  posemb = np.asarray(posemb)
+  n, d = posemb.shape[1:]
+  old = math.isqrt(n)
+  if old * old != n:
+    raise ValueError(f"resample_posemb: {n} positions is not a square grid")
+  grid = posemb.reshape(old, old, d).astype(np.float64)
+
+  def axis_weights(size_in: int, size_out: int) -> np.ndarray:
+    """float64[size_out, size_in] interpolation matrix."""
+    w = np.zeros((size_out, size_in))
+    coords = np.arange(size_out) * ((size_in - 1) / (size_out - 1) if size_out > 1 else 0.0)
+    lo = np.clip(np.floor(coords).astype(int), 0, size_in - 1)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = coords - lo
+    w[np.arange(size_out), lo] += 1 - frac
+    w[np.arange(size_out), hi] += frac
+    return w
+
+  w = axis_weights(old, new_grid)
+  out = np.einsum("yi,xj,ijd->yxd", w, w, grid)
+  return out.reshape(1, new_grid * new_grid, d).astype(posemb.dtype)
 
 
 def _check_output_layer(output_layer: int, depth: int) -> None:
@@ -291,6 +372,8 @@ class ViT(nnx.Module):
     output_layer: see ``Encoder``.
     head: an optional projection applied to the features (big_vision's
       ``img/head``; PaliGemma's linear connector lives here).
+    pool_type: "none" (per-patch tokens only) or "map" (also a MAP-pooled
+      vector, ``MAPHead_0``, in ``aux["pooled"]``; needs ``output_layer=-1``).
     scan_layers: stack the blocks and run them with ``lax.scan``.
     remat_policy: a ``compact_jax.models.REMAT_POLICIES`` key.
     dtype: compute dtype name; params stay float32.
@@ -303,6 +386,7 @@ class ViT(nnx.Module):
     image_size: int,
     output_layer: int = -1,
     head: nnx.Module | None = None,
+    pool_type: str = "none",
     scan_layers: bool = True,
     remat_policy: str = "none",
     dtype: str = "float32",
@@ -330,6 +414,13 @@ class ViT(nnx.Module):
       rngs=rngs,
     )
     self.head = head
+    if pool_type not in ("none", "map"):
+      raise ValueError(f"ViT pool_type must be 'none' or 'map', got {pool_type!r}")
+    if pool_type == "map":
+      if output_layer != -1:
+        raise ValueError("ViT pool_type='map' pools the last layer; it needs output_layer=-1")
+      self.MAPHead_0 = MAPHead(v, dtype=dtype, rngs=rngs)
+    self.pool_type = pool_type
     self.dtype = compute_dtype(dtype)
 
   def __call__(self, image: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -341,7 +432,8 @@ class ViT(nnx.Module):
     Returns:
       (float[B, N, D_out], aux): N = (image_size / P)^2 tokens, D_out the
       head's output width (or the ViT width without a head). aux holds
-      "stem" float[B, N, D] (patches + posemb) and "encoded" float[B, N, D].
+      "stem" float[B, N, D] (patches + posemb), "encoded" float[B, N, D] and,
+      with ``pool_type="map"``, "pooled" float[B, D].
     """
     if image.ndim != 4 or image.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(
@@ -351,6 +443,8 @@ class ViT(nnx.Module):
     x = constrain(x, ACT)
     aux = {"stem": x}
     x = aux["encoded"] = self.Transformer(x)
+    if self.pool_type == "map":
+      aux["pooled"] = self.MAPHead_0(x)
     if self.head is not None:
       x = self.head(x)
     return x, aux

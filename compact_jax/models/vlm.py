@@ -65,6 +65,9 @@ class VLM(nnx.Module):
     scan_layers: scan both towers' layers (params stacked on a "layers" axis).
     remat_policy: a ``compact_jax.models.REMAT_POLICIES`` key, for both towers.
     dtype: compute dtype name ("float32", "bfloat16"); params stay float32.
+    causal_image: image tokens attend causally among themselves (LLaVA, whose
+      LM is a plain causal decoder) instead of as a full-attention prefix
+      (PaliGemma).
     rngs: init randomness.
   """
 
@@ -80,6 +83,7 @@ class VLM(nnx.Module):
     scan_layers: bool = True,
     remat_policy: str = "none",
     dtype: str = "float32",
+    causal_image: bool = False,
     rngs: nnx.Rngs,
   ):
     vit_v = siglip.decode_variant(vit_variant) if isinstance(vit_variant, str) else vit_variant
@@ -96,6 +100,7 @@ class VLM(nnx.Module):
     )
     self.connector = None if spec.inside_vit else proj
     self.llm = llm.Decoder(llm_v, vocab_size, **common)
+    self.causal_image = causal_image
 
   @classmethod
   def from_config(
@@ -131,6 +136,12 @@ class VLM(nnx.Module):
   def embed_image(self, image: jax.Array) -> jax.Array:
     """float32[B, H, W, 3] in [-1, 1] -> float[B, N, D_llm] image tokens for the LLM."""
     return self._embed_image(image)[0]
+
+  def full_mask_ar(self, num_image: int, mask_ar: jax.Array) -> jax.Array:
+    """int32[B, N + T]: ``mask_ar`` int32[B, T] of the text behind the image tokens' own."""
+    b = mask_ar.shape[0]
+    img_ar = jnp.full((b, num_image), int(self.causal_image), jnp.int32)
+    return jnp.concatenate([img_ar, mask_ar.astype(jnp.int32)], axis=1)
 
   def embed_prefix(
     self, image: jax.Array, tokens: jax.Array, mask_input: jax.Array, has_image: jax.Array
@@ -183,7 +194,7 @@ class VLM(nnx.Module):
       raise ValueError(f"VLM: has_image has shape {has_image.shape}, expected {(b,)}")
     x, valid, aux = self.embed_prefix(image, tokens, mask_input, has_image)
     n = x.shape[1] - t
-    full_ar = jnp.concatenate([jnp.zeros((b, n), jnp.int32), mask_ar.astype(jnp.int32)], axis=1)
+    full_ar = self.full_mask_ar(n, mask_ar)
     positions = jnp.cumsum(valid, axis=1) - 1
     logits, llm_aux = self.llm(x, positions, make_attn_mask(valid, full_ar))
     aux["llm/pre_logits"] = llm_aux["pre_logits"][:, n:]

@@ -35,8 +35,8 @@ def test_variants_and_the_gemma_2b_parameter_count():
   model = nnx.eval_shape(lambda: llm.Decoder("gemma_2b", 256000, rngs=nnx.Rngs(0)))
   shapes = vlm.param_paths(nnx.state(model))
   assert sum(int(np.prod(s)) for s in shapes.values()) == 2_506_172_416
-  with pytest.raises(ValueError, match="Unknown LLM variant 'gemma_7b'"):
-    llm.decode_variant("gemma_7b")
+  with pytest.raises(ValueError, match="Unknown LLM variant 'gemma_99b'"):
+    llm.decode_variant("gemma_99b")
   with pytest.raises(ValueError, match="num_heads 4 is not a multiple of num_kv_heads 3"):
     llm.LLMVariant(48, 1, 4, 3, 16, 96)
 
