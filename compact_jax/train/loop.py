@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -43,6 +45,31 @@ class TrainResult:
   resumed_from: int | None
   last_metrics: dict[str, float]
   skipped: bool = False
+  preempted: bool = False
+
+
+class PreemptionFlag:
+  """Turns SIGTERM (how schedulers and TPU maintenance preempt) into a flag.
+
+  The loop checks it after each step, saves a checkpoint and returns, so the
+  process exits 0 and a rerun resumes. Installed only in the main thread
+  (Python's rule); elsewhere the flag simply stays unset.
+  """
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.set = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
 
 
 def train_dir(workdir: str | os.PathLike) -> str:
@@ -209,12 +236,14 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
       return TrainResult(start, resumed, {}, skipped=True)
 
     train_step = step_lib.TrainStep(setup, config, mesh)
+    image_tokens = setup.num_image_tokens
     last: dict[str, float] = {}
     pending: tuple[int, Any] | None = None  # (step, metrics) checked one step late
-    t0, s0 = time.time(), start
+    t0, s0, tokens_since = time.time(), start, 0
+    preempted = PreemptionFlag()
 
     def check_and_log(step: int, metrics: Any) -> None:
-      nonlocal last, t0, s0
+      nonlocal last, t0, s0, tokens_since
       host = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
         raise FloatingPointError(
@@ -227,10 +256,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         rate = (step - s0) / dt
         host["steps_per_sec"] = rate
         host["examples_per_sec"] = rate * cfg.batch_size
+        host["tokens_per_sec"] = tokens_since / dt  # image + text tokens into the LLM
+        host["compiles"] = train_step.num_traces
         eta = (cfg.total_steps - step) / max(rate, 1e-9)
         logging.info(
           "step %d/%d (%.0f%%) loss %.4f tok_acc %.3f lr %.2e |g| %.3f  %.2f steps/s "
-          "%.1f ex/s  ETA %s",
+          "%.1f ex/s %.0f tok/s  ETA %s",
           step,
           cfg.total_steps,
           100 * step / cfg.total_steps,
@@ -240,41 +271,60 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
           host["grad_norm"],
           rate,
           host["examples_per_sec"],
+          host["tokens_per_sec"],
           _fmt_duration(eta),
         )
         writer.write(step, host)
-        t0, s0 = time.time(), step
+        t0, s0, tokens_since = time.time(), step, 0
       last = host
 
+    def save(step: int) -> None:
+      ckpt.save(
+        step,
+        state,
+        data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
+        meta=meta,
+        force=True,
+      )
+
+    step = start
     try:
       for step in range(start + 1, cfg.total_steps + 1):
-        batch = step_lib.to_global_batch(next(data_iter), mesh)
-        state, metrics = train_step(state, batch)
+        host_batch = next(data_iter)
+        tokens_since += int(host_batch["mask_input"].sum()) + image_tokens * int(
+          host_batch["has_image"].sum()
+        )
+        traces = train_step.num_traces
+        state, metrics = train_step(state, step_lib.to_global_batch(host_batch, mesh))
+        if train_step.num_traces != traces:
+          logging.info(
+            "Compiled the train step for text length %d (%d compile(s) so far)",
+            host_batch["tokens"].shape[1],
+            train_step.num_traces,
+          )
         # Reading step N-1's metrics after dispatching step N keeps the device
         # busy while the host checks for NaN.
         if pending is not None:
           check_and_log(*pending)
         pending = (step, metrics)
-        if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps:
+        if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps or preempted.set:
           check_and_log(*pending)  # never checkpoint a non-finite state
           pending = None
-          ckpt.save(
-            step,
-            state,
-            data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
-            meta=meta,
-            force=True,
-          )
+          save(step)
+          if preempted.set:
+            logging.warning("SIGTERM: saved step %d and stopping; rerun to resume", step)
+            break
       if pending is not None:
         check_and_log(*pending)
     finally:
       # An exception or Ctrl-C must not lose a checkpoint that is still being
       # written in the background.
       ckpt.close()
+      preempted.restore()
 
   if jax.process_index() == 0 and os.path.exists(writer.path):
     plot_loss(writer.path, os.path.join(out_dir, "loss.png"))
-  return TrainResult(cfg.total_steps, resumed, last)
+  return TrainResult(step, resumed, last, preempted=preempted.set)
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=None):

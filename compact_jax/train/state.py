@@ -53,6 +53,7 @@ class StateSetup:
   group_members: dict[str, list[str]]
   num_params: int
   num_trainable: int
+  num_image_tokens: int
 
 
 def setup_state(
@@ -114,6 +115,7 @@ def setup_state(
     group_members=members,
     num_params=int(sum(sizes)),
     num_trainable=int(sum(train_sizes)),
+    num_image_tokens=int(abstract_model.num_image_tokens),
   )
 
   def init_fn() -> TrainState:

@@ -83,18 +83,30 @@ def _losses(config, mesh, vocab, batches):
   return out, step
 
 
-def test_one_device_and_eight_devices_give_the_same_loss(built):
+@pytest.fixture(scope="module")
+def one_device_losses(built):
   config = _config(built)
   tok, batches = _batches(built, config, 2)
   # The same batch again at the end shows the updates lower its loss.
   batches = [batches[0], batches[1], batches[0]]
   one = mesh_lib.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)), jax.devices()[:1])
-  eight = mesh_lib.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)))
-  assert eight.devices.size == 8
-  l1, _ = _losses(config, one, tok.vocab_size, batches)
-  l8, _ = _losses(config, eight, tok.vocab_size, batches)
-  np.testing.assert_allclose(l1, l8, atol=1e-5, rtol=0)
-  assert l1[2] < l1[0]  # it is learning, not a constant
+  losses, _ = _losses(config, one, tok.vocab_size, batches)
+  assert losses[2] < losses[0]  # it is learning, not a constant
+  return config, tok, batches, losses
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_eight_devices_give_the_one_device_loss(one_device_losses, shape):
+  """Data, FSDP and tensor parallelism change where math runs, not its result."""
+  config, tok, batches, expected = one_device_losses
+  mesh = mesh_lib.make_mesh(tuple(zip(("data", "fsdp", "tensor"), shape)))
+  assert mesh.devices.size == 8
+  setup, _ = state_lib.setup_state(config, vocab_size=tok.vocab_size, mesh=mesh)
+  if shape[2] > 1:  # the rules really shard weights over the tensor axis
+    specs = [s.spec for s in jax.tree.leaves(setup.shardings["params"])]
+    assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
+  got, _ = _losses(config, mesh, tok.vocab_size, batches)
+  np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
 def test_step_compiles_once_per_bucket(built):
@@ -167,3 +179,28 @@ def test_nan_loss_stops_with_a_clear_message(built, tmp_path, monkeypatch):
   with pytest.raises(FloatingPointError, match="Non-finite loss or gradient at step 2"):
     loop_lib.run_train(_config(workdir, ckpt_every_steps=100), workdir)
   assert loop_lib.latest_checkpoint_step(None, workdir) is None  # nothing bad was saved
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
+  import shutil
+  import signal
+
+  workdir = str(tmp_path / "term")
+  shutil.copytree(built, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  real = step_lib.to_global_batch
+  calls = {"n": 0}
+
+  def preempt_at_step_2(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before preemption
+    return real(batch, mesh)
+
+  monkeypatch.setattr(step_lib, "to_global_batch", preempt_at_step_2)
+  result = loop_lib.run_train(_config(workdir, ckpt_every_steps=100), workdir)
+  assert result.preempted and result.final_step == 2
+  assert loop_lib.latest_checkpoint_step(None, workdir) == 2
+  assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+  monkeypatch.setattr(step_lib, "to_global_batch", real)
+  assert loop_lib.run_train(_config(workdir), workdir).resumed_from == 2
