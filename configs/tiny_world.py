@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
   if a.smoke:
     c.world.num_train_images = 160
     c.world.num_test_images = 60
+    c.world.num_workers = 0  # ~4 s in-process; worker start-up would not pay off
     c.build.tokenizer_vocab_size = 256
     c.model.vit_variant = "smoke/16"
     c.model.llm_variant = "smoke"
