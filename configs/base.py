@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.template = "gemma"  # chat template, see compact_jax/data/template.py
   c.data.image_size = 64  # model input resolution (after pad-to-square)
   # Text lengths (tokens) that batches are padded to; one compile per bucket.
-  c.data.seq_buckets = (64, 96, 128)
+  c.data.seq_buckets = (64, 80, 96, 128)
   c.data.worker_count = 0  # grain multiprocessing workers; 0 = in-process
   c.data.shuffle_buffer_seed = 0
 
@@ -89,17 +89,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vit_variant = "tiny/16"  # see models/siglip.py VARIANTS
   c.model.vit_output_layer = -1  # -1 last layer, -2 penultimate (LLaVA)
   c.model.connector = "mlp2x_gelu"  # see models/connectors.py CONNECTORS
-  c.model.llm_variant = "tiny"  # see models/llm.py VARIANTS
+  c.model.llm_variant = "mini"  # see models/llm.py VARIANTS
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # "none" or a jax.checkpoint_policies name
   c.model.dtype = "float32"  # compute dtype; params stay float32
+  # Start training from a big_vision-layout npz (see compact_jax/checkpoints;
+  # `python -m compact_jax.checkpoints.cli hf-to-npz` converts HF checkpoints).
+  # Only params under `parts`' targets are loaded; the rest keep their init.
+  c.model_init = ml_collections.ConfigDict()
+  c.model_init.path = ""
+  c.model_init.parts = (("params/img/", "img/"), ("params/llm/", "llm/"))
+  c.model_init.ignore = ()  # regexes of npz keys to skip (e.g. "^params/txt/")
 
   # --- train (compact_jax/train) ---------------------------------------------
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 64  # global
-  c.train.total_steps = 1500
+  c.train.batch_size = 32  # global
+  c.train.total_steps = 900
   c.train.lr = 1e-3
-  c.train.warmup_steps = 100
+  c.train.warmup_steps = 50
   c.train.end_lr_fraction = 0.05  # cosine decays to lr * this
   c.train.weight_decay = 1e-4
   c.train.b1 = 0.9

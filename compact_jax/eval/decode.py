@@ -117,7 +117,14 @@ class GreedyDecoder:
     # Slots after the prefix are still empty: nothing attends to them.
     mask = jnp.pad(prefix_attn, ((0, 0), (0, 0), (0, max_new)))
     positions = jnp.cumsum(valid, axis=1) - 1
-    _, aux = lm(x, positions, mask, cache=lm.init_cache(b, prefix_len + max_new), cache_index=0)
+    _, aux = lm(
+      x,
+      positions,
+      mask,
+      cache=lm.init_cache(b, prefix_len + max_new),
+      cache_index=0,
+      lora_mask=model.lora_mask(b, n_img, prompt_tokens.shape[1]),
+    )
     # With left padding the last prefix slot is every row's last prompt token.
     first = jnp.argmax(lm.logits(aux["pre_logits"][:, -1:])[:, 0], axis=-1).astype(jnp.int32)
 
@@ -137,7 +144,14 @@ class GreedyDecoder:
       kv_valid = kv_valid.at[:, slot].set(True)
       prev = jax.lax.dynamic_slice_in_dim(out, t - 1, 1, axis=1)
       pos = (num_valid + t - 1)[:, None]
-      logits, aux = lm(lm.embed(prev), pos, kv_valid[:, None, :], cache=cache, cache_index=slot)
+      logits, aux = lm(
+        lm.embed(prev),
+        pos,
+        kv_valid[:, None, :],
+        cache=cache,
+        cache_index=slot,
+        lora_mask=model.lora_mask(b, 0, 1),  # generated tokens are text
+      )
       tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
       tok = jnp.where(done, self.pad_id, tok)
       out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)

@@ -32,6 +32,64 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 
+def weight(module: Any, name: str) -> jax.Array:
+  """The value of ``module.<name>``, plus its LoRA delta when ``models.lora``
+  attached one (``<name>_lora_a``/``<name>_lora_b``). Every weight that LoRA
+  may target is read through here, so adapters need no module rewrites."""
+  w = getattr(module, name)[...]
+  a = getattr(module, f"{name}_lora_a", None)
+  if a is None:
+    return w
+  in_axes, scale = getattr(module, f"{name}_lora_spec")
+  b = getattr(module, f"{name}_lora_b")[...]
+  return w + lora_delta(a[...], b, w.shape, in_axes, scale).astype(w.dtype)
+
+
+def project(
+  eqn: str,
+  x: jax.Array,
+  module: Any,
+  name: str,
+  dtype: jnp.dtype,
+  lora_mask: jax.Array | None = None,
+  index: int | None = None,
+) -> jax.Array:
+  """``einsum(eqn, x, W)`` with ``W = weight(module, name)`` (``[index]`` of it if given).
+
+  ``lora_mask`` bool[B, T] (partial LoRA, InternLM-XComposer2): where False the
+  token sees the base weight, without the adapter. x is float[B, T, ...].
+  """
+
+  def pick(w):
+    return (w if index is None else w[index]).astype(dtype)
+
+  y = jnp.einsum(eqn, x, pick(weight(module, name)))
+  if lora_mask is None or getattr(module, f"{name}_lora_a", None) is None:
+    return y
+  base = jnp.einsum(eqn, x, pick(getattr(module, name)[...]))
+  m = lora_mask.reshape(lora_mask.shape + (1,) * (y.ndim - lora_mask.ndim))
+  return jnp.where(m, y, base)
+
+
+def lora_delta(
+  a: jax.Array, b: jax.Array, shape: tuple[int, ...], in_axes: tuple[int, ...], scale: float
+) -> jax.Array:
+  """``scale * A @ B`` laid out like the weight.
+
+  Args:
+    a: float32[I, r] with I the product of the weight's input dims ``in_axes``.
+    b: float32[r, O] with O the product of the remaining (output) dims.
+    shape: the weight's shape, e.g. q_einsum's (N, D, H) with in_axes (1,).
+    in_axes: the weight axes contracted with the activations.
+    scale: alpha / rank.
+  """
+  out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+  d = (a @ b) * scale
+  d = d.reshape(tuple(shape[i] for i in in_axes) + tuple(shape[i] for i in out_axes))
+  order = in_axes + out_axes
+  return jnp.transpose(d, tuple(order.index(i) for i in range(len(shape))))
+
+
 def compute_dtype(name: str) -> jnp.dtype:
   """The jnp dtype for a config's ``model.dtype`` string."""
   if name not in DTYPES:

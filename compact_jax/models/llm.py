@@ -36,6 +36,7 @@ from flax import nnx
 from compact_jax.models import (
   check_remat_policy,
   compute_dtype,
+  project,
   remat_layer,
   scan_stacked,
   stack_layers,
@@ -163,6 +164,12 @@ _LLAMA = dict(
 VARIANTS: dict[str, LLMVariant] = {
   "smoke": LLMVariant(width=32, depth=1, num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64),
   "tiny": LLMVariant(width=192, depth=4, num_heads=4, num_kv_heads=1, head_dim=48, mlp_dim=768),
+  # The tiny world's default: ~1M params, sized so the full recipe trains in minutes on 2 cores.
+  "mini": LLMVariant(width=128, depth=4, num_heads=4, num_kv_heads=1, head_dim=32, mlp_dim=512),
+  # The LLaMA family's knobs at smoke size (tiny_* configs of LLaVA-style models).
+  "smoke_llama": LLMVariant(
+    width=32, depth=1, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=64, **_LLAMA
+  ),
   # Upstream sizes (HF config.json of each checkpoint): for configs, docs and shape checks.
   "gemma_2b": LLMVariant(
     width=2048,
@@ -463,6 +470,7 @@ class Attention(nnx.Module):
     attn_mask: jax.Array,
     cache: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | int = 0,
+    lora_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attends the T new tokens to themselves, or to the whole cache.
 
@@ -472,16 +480,17 @@ class Attention(nnx.Module):
       attn_mask: bool[B, T, S]; S = T without a cache, else the cache length.
       cache: this layer's (k, v), float[B, S, K, H] each, or None.
       cache_index: where the T new keys/values are written in the cache.
+      lora_mask: bool[B, T] or None; partial LoRA (see ``models.project``).
 
     Returns:
       (float[B, T, D], updated (k, v) or None).
     """
     dt = self.dtype
     x = x.astype(dt)
-    q = jnp.einsum("BTD,NDH->BTNH", x, self.q_einsum.w[...].astype(dt))
-    wkv = self.kv_einsum.w[...].astype(dt)
-    k = jnp.einsum("BSD,KDH->BSKH", x, wkv[0])
-    v = jnp.einsum("BSD,KDH->BSKH", x, wkv[1])
+    m = lora_mask
+    q = project("BTD,NDH->BTNH", x, self.q_einsum, "w", dt, m)
+    k = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=0)
+    v = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=1)
     if self.qkv_bias:
       bkv = self.kv_einsum.b[...].astype(dt)
       q, k, v = q + self.q_einsum.b[...].astype(dt), k + bkv[0], v + bkv[1]
@@ -500,7 +509,7 @@ class Attention(nnx.Module):
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(b, t, n, h)
-    return jnp.einsum("BTNH,NHD->BTD", out, self.attn_vec_einsum.w[...].astype(dt)), cache
+    return project("BTNH,NHD->BTD", out, self.attn_vec_einsum, "w", dt, m), cache
 
 
 class FeedForward(nnx.Module):
@@ -513,13 +522,13 @@ class FeedForward(nnx.Module):
     self.act = v.mlp_act
     self.dtype = compute_dtype(dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """float[B, T, D] -> float[B, T, D]."""
-    w = self.gating_einsum[...].astype(self.dtype)
-    gate = jnp.einsum("BTD,DF->BTF", x, w[0])
-    up = jnp.einsum("BTD,DF->BTF", x, w[1])
+  def __call__(self, x: jax.Array, lora_mask: jax.Array | None = None) -> jax.Array:
+    """float[B, T, D] -> float[B, T, D]; ``lora_mask`` as in ``models.project``."""
+    dt = self.dtype
+    gate = project("BTD,DF->BTF", x, self, "gating_einsum", dt, lora_mask, index=0)
+    up = project("BTD,DF->BTF", x, self, "gating_einsum", dt, lora_mask, index=1)
     hidden = constrain(ACTIVATIONS[self.act](gate) * up, ("act_batch", "act_len", "act_mlp"))
-    return jnp.einsum("BTF,FD->BTD", hidden, self.linear[...].astype(self.dtype))
+    return project("BTF,FD->BTD", hidden, self, "linear", dt, lora_mask)
 
 
 class Block(nnx.Module):
@@ -537,13 +546,15 @@ class Block(nnx.Module):
       self.post_ffw_norm = make_norm(v, dtype)
     self.post_norms = v.post_norms
 
-  def __call__(self, x, positions, attn_mask, cache=None, cache_index=0):
+  def __call__(self, x, positions, attn_mask, cache=None, cache_index=0, lora_mask=None):
     """float[B, T, D] -> (float[B, T, D], updated layer cache or None); see ``Attention``."""
-    y, cache = self.attn(self.pre_attention_norm(x), positions, attn_mask, cache, cache_index)
+    y, cache = self.attn(
+      self.pre_attention_norm(x), positions, attn_mask, cache, cache_index, lora_mask
+    )
     if self.post_norms:
       y = self.post_attention_norm(y)
     x = x + y
-    y = self.mlp(self.pre_ffw_norm(x))
+    y = self.mlp(self.pre_ffw_norm(x), lora_mask)
     if self.post_norms:
       y = self.post_ffw_norm(y)
     x = x + y
@@ -622,6 +633,7 @@ class Decoder(nnx.Module):
     *,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
+    lora_mask: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """Runs the layers over embedded inputs.
 
@@ -634,6 +646,8 @@ class Decoder(nnx.Module):
       cache: keys/values of earlier tokens, float[L, B, S, K, H], or None.
       cache_index: the cache slot of x's first token (a scalar, same for the
         whole batch).
+      lora_mask: bool[B, T]: LoRA adapters apply only where True (partial
+        LoRA); None applies them everywhere.
 
     Returns:
       (logits float32[B, T, V], aux) with aux "pre_logits" float[B, T, D]
@@ -660,14 +674,15 @@ class Decoder(nnx.Module):
 
       def body(layer, carry, xs):
         local, kv = xs
-        return layer(carry, positions, layer_mask(local), kv, cache_index)
+        return layer(carry, positions, layer_mask(local), kv, cache_index, lora_mask)
 
       x, new_kv = scan_stacked(
         self.layers, body, x, (is_local, layer_caches), remat_policy=self.remat_policy
       )
     else:
       run = remat_layer(
-        lambda layer, h, mask, kv: layer(h, positions, mask, kv, cache_index), self.remat_policy
+        lambda layer, h, mask, kv: layer(h, positions, mask, kv, cache_index, lora_mask),
+        self.remat_policy,
       )
       new = []
       for i in range(v.depth):

@@ -27,6 +27,7 @@ from compact_jax.models import (
   remat_layer,
   scan_stacked,
   stack_layers,
+  weight,
 )
 from compact_jax.sharding import constrain, param
 
@@ -78,15 +79,17 @@ RELEASES: dict[str, tuple[str, int, str | None]] = {
 
 
 def decode_tower(name: str) -> tuple[ViTVariant, int]:
-  """``"So400m/14@384"`` -> (variant, image size); any ``NAME/PATCH@SIZE`` with SIZE % PATCH == 0."""
+  """``"So400m/14@384"`` -> (variant, image size). As in big_vision and HF (a VALID
+  stride-P conv), a size that is not a multiple of P drops the last ``size % P``
+  pixel rows and columns: So400m/14@384 sees 27 x 27 patches."""
   m = re.fullmatch(r"(.+)@(\d+)", name)
   if not m:
     raise ValueError(
       f"Unknown SigLIP tower {name!r}; expected NAME/PATCH@SIZE, e.g. {list(RELEASES)}"
     )
   v, size = decode_variant(m.group(1)), int(m.group(2))
-  if size % v.patch_size:
-    raise ValueError(f"SigLIP tower {name!r}: {size} px is not a multiple of patch {v.patch_size}")
+  if size < v.patch_size:
+    raise ValueError(f"SigLIP tower {name!r}: {size} px is smaller than one patch")
   return v, size
 
 
@@ -124,7 +127,7 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float[..., Din] -> float[..., Dout] in the compute dtype."""
-    y = jnp.einsum("...D,DF->...F", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.einsum("...D,DF->...F", x.astype(self.dtype), weight(self, "kernel").astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -156,7 +159,7 @@ class HeadsProjection(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float[B, T, D] -> float[B, T, N, H]."""
-    y = jnp.einsum("BTD,DNH->BTNH", x, self.kernel[...].astype(self.dtype))
+    y = jnp.einsum("BTD,DNH->BTNH", x, weight(self, "kernel").astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -172,7 +175,7 @@ class OutProjection(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float[B, T, N, H] -> float[B, T, D]."""
-    y = jnp.einsum("BTNH,NHD->BTD", x, self.kernel[...].astype(self.dtype))
+    y = jnp.einsum("BTNH,NHD->BTD", x, weight(self, "kernel").astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -357,8 +360,10 @@ class PatchEmbedding(nnx.Module):
     """float[B, H, W, 3] -> float[B, (H/P)*(W/P), D], patches in row-major order."""
     b, h, w, c = image.shape
     p = self.patch
+    # A VALID conv ignores the last h % p rows and w % p columns (384 px at patch 14).
+    image = image[:, : h // p * p, : w // p * p]
     x = image.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
-    x = jnp.einsum("BYPXQC,PQCD->BYXD", x, self.kernel[...].astype(self.dtype))
+    x = jnp.einsum("BYPXQC,PQCD->BYXD", x, weight(self, "kernel").astype(self.dtype))
     x = x + self.bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
 
@@ -368,7 +373,8 @@ class ViT(nnx.Module):
 
   Args:
     variant: a ``VARIANTS`` string such as ``"So400m/14"`` or a ``ViTVariant``.
-    image_size: input side in pixels; must be a multiple of the patch size.
+    image_size: input side in pixels; a remainder modulo the patch size is
+      ignored, as by big_vision's and HF's VALID patch conv.
     output_layer: see ``Encoder``.
     head: an optional projection applied to the features (big_vision's
       ``img/head``; PaliGemma's linear connector lives here).
@@ -394,10 +400,8 @@ class ViT(nnx.Module):
   ):
     v = decode_variant(variant) if isinstance(variant, str) else variant
     _check_output_layer(output_layer, v.depth)
-    if image_size % v.patch_size:
-      raise ValueError(
-        f"image_size {image_size} is not a multiple of the patch size {v.patch_size}"
-      )
+    if image_size < v.patch_size:
+      raise ValueError(f"image_size {image_size} is smaller than the patch size {v.patch_size}")
     self.variant = v
     self.image_size = image_size
     self.num_patches = (image_size // v.patch_size) ** 2

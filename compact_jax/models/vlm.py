@@ -56,7 +56,8 @@ class VLM(nnx.Module):
 
   Args:
     vit_variant: ``siglip.VARIANTS`` string ("tiny/16", "So400m/14") or a ``ViTVariant``.
-    connector: a ``connectors.CONNECTORS`` key ("linear", "mlp2x_gelu").
+    connector: a ``connectors.CONNECTORS`` key ("linear", "mlp2x_gelu",
+      "pixel_shuffle_mlp", "resampler", "resampler_nopos").
     llm_variant: ``llm.VARIANTS`` key ("tiny", "gemma_2b") or an ``LLMVariant``.
     vocab_size: the tokenizer's vocabulary size.
     vit_output_layer: -1 (after encoder_norm) or -n (raw output n-1 blocks from
@@ -89,7 +90,8 @@ class VLM(nnx.Module):
     vit_v = siglip.decode_variant(vit_variant) if isinstance(vit_variant, str) else vit_variant
     llm_v = llm.decode_variant(llm_variant) if isinstance(llm_variant, str) else llm_variant
     spec = connectors.get_connector(connector)
-    proj = spec.make(vit_v.width, llm_v.width, dtype=dtype, rngs=rngs)
+    grid = image_size // vit_v.patch_size
+    proj = spec.make(vit_v.width, llm_v.width, grid=grid, dtype=dtype, rngs=rngs)
     common = dict(scan_layers=scan_layers, remat_policy=remat_policy, dtype=dtype, rngs=rngs)
     self.img = siglip.ViT(
       vit_v,
@@ -101,6 +103,9 @@ class VLM(nnx.Module):
     self.connector = None if spec.inside_vit else proj
     self.llm = llm.Decoder(llm_v, vocab_size, **common)
     self.causal_image = causal_image
+    # Partial LoRA (InternLM-XComposer2): LLM adapters only at image tokens.
+    self.partial_lora = False
+    self._num_image_tokens = spec.num_tokens(grid)
 
   @classmethod
   def from_config(
@@ -123,7 +128,9 @@ class VLM(nnx.Module):
 
   @property
   def num_image_tokens(self) -> int:
-    return self.img.num_patches
+    """Image tokens the LLM sees (after the connector: pixel shuffle and the
+    resampler change the patch count)."""
+    return self._num_image_tokens
 
   def _embed_image(self, image: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     z, img_aux = self.img(image)
@@ -136,6 +143,13 @@ class VLM(nnx.Module):
   def embed_image(self, image: jax.Array) -> jax.Array:
     """float32[B, H, W, 3] in [-1, 1] -> float[B, N, D_llm] image tokens for the LLM."""
     return self._embed_image(image)[0]
+
+  def lora_mask(self, batch: int, num_image: int, num_text: int) -> jax.Array | None:
+    """bool[B, N + T], True at image tokens, when ``partial_lora``; else None."""
+    if not self.partial_lora:
+      return None
+    row = jnp.arange(num_image + num_text) < num_image
+    return jnp.broadcast_to(row, (batch, num_image + num_text))
 
   def full_mask_ar(self, num_image: int, mask_ar: jax.Array) -> jax.Array:
     """int32[B, N + T]: ``mask_ar`` int32[B, T] of the text behind the image tokens' own."""
@@ -196,7 +210,9 @@ class VLM(nnx.Module):
     n = x.shape[1] - t
     full_ar = self.full_mask_ar(n, mask_ar)
     positions = jnp.cumsum(valid, axis=1) - 1
-    logits, llm_aux = self.llm(x, positions, make_attn_mask(valid, full_ar))
+    logits, llm_aux = self.llm(
+      x, positions, make_attn_mask(valid, full_ar), lora_mask=self.lora_mask(b, n, t)
+    )
     aux["llm/pre_logits"] = llm_aux["pre_logits"][:, n:]
     return logits[:, n:], aux
 

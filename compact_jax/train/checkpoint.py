@@ -32,6 +32,8 @@ class Checkpointer:
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
+        # A kill mid-save leaves a tmp directory; remove it rather than read it.
+        cleanup_tmp_directories=True,
         enable_async_checkpointing=async_save,
       ),
     )

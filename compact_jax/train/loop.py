@@ -216,6 +216,13 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   with jax.set_mesh(mesh):
     if latest is None:
       state = init_fn()
+      if config.model_init.path:
+        state["params"] = state_lib.load_model_init(
+          state["params"], setup.shardings["params"], config.model_init
+        )
+        logging.info(
+          "Initialised %s from %s", dict(config.model_init.parts), config.model_init.path
+        )
       resumed = None
     else:
       state, data_state, saved_meta = ckpt.restore(setup.abstract, latest)

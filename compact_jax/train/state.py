@@ -129,3 +129,34 @@ def merge_model(graphdef: nnx.GraphDef, params: Any):
   """An NNX model from its graphdef and a pure-dict param tree (inside jit)."""
   state = nnx.State(params)
   return nnx.merge(graphdef, state)
+
+
+def load_model_init(params: Any, shardings: Any, init_cfg: ml_collections.ConfigDict) -> Any:
+  """Replaces the params under ``init_cfg.parts`` with a big_vision npz's arrays.
+
+  Each loaded array is placed directly in its parameter's target sharding
+  (the host holds the file's arrays once; no device holds an unsharded copy).
+  Errors name the npz key at fault (unknown, wrong shape, or missing).
+  """
+  from compact_jax.checkpoints import big_vision  # numpy-only; no torch
+
+  parts = dict(init_cfg.parts)
+  targets = tuple(parts.values())
+  names = mesh_lib.path_names(params)
+  expected = {k: tuple(v.shape) for k, v in names.items() if k.startswith(targets)}
+  if not expected:
+    raise ValueError(f"config.model_init.parts {parts} select no model parameter")
+  flat = big_vision.import_npz(
+    big_vision.NpzCheckpoint(init_cfg.path),
+    expected,
+    parts,
+    ignore=tuple(init_cfg.ignore),
+    what=init_cfg.path,
+  )
+  shard_names = mesh_lib.path_names(shardings)
+  loaded = {
+    tuple(k.split("/")): jax.device_put(v.astype(names[k].dtype), shard_names[k])
+    for k, v in flat.items()
+  }
+  out = {tuple(k.split("/")): v for k, v in names.items()} | loaded
+  return mesh_lib.unflatten(out)

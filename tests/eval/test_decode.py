@@ -109,3 +109,27 @@ def test_bad_prompts_fail_before_tracing(setup):
   assert decoder.num_traces == 0
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     decode.make_greedy_decoder(graphdef, max_new_tokens=0, eos_id=1, pad_id=PAD)
+
+
+def test_partial_lora_and_causal_image_decoding_match_the_reference(setup):
+  """The cached decoder honours the VLM's image-token options: Partial LoRA
+  (adapters at image tokens only, never at generated text) and LLaVA's causal
+  image attention."""
+  from compact_jax.models import lora, vlm
+
+  model, batch, _, _ = setup
+  flat = vlm.flat_params(nnx.state(model))
+  variant = tm.abstract_vlm(causal_image=True)
+  vlm.load_flat_params(variant, {k: np.asarray(v) for k, v in flat.items()})
+  config = lora.LoraConfig((r"^llm/layers/attn/(q|kv)_einsum/w$",), rank=2, partial=True)
+  lora.apply_lora(variant, config, seed=3)
+  state = nnx.state(variant, nnx.LoRAParam)
+  rng = np.random.default_rng(3)
+  for _, var in nnx.to_flat_state(state):
+    var.set_value(np.asarray(0.5 * rng.standard_normal(var.shape), np.float32))
+  nnx.update(variant, state)
+  graphdef, params = nnx.split(variant)
+  decoder = decode.make_greedy_decoder(graphdef, max_new_tokens=4, eos_id=NEVER, pad_id=PAD)
+  got = np.asarray(decoder(params, *batch))
+  want = decode.greedy_decode_reference(variant, *batch, max_new_tokens=4, eos_id=NEVER, pad_id=PAD)
+  np.testing.assert_array_equal(got, want)

@@ -44,7 +44,7 @@ def test_majority_answers_per_type_with_deterministic_ties():
 
 def test_majority_baseline_falls_back_to_the_query_family():
   base = metrics_lib.MajorityBaseline.fit(
-      [("count(color)", "2"), ("count(color)", "2"), ("count(shape)", "3"), ("color(shape)", "red")]
+    [("count(color)", "2"), ("count(color)", "2"), ("count(shape)", "3"), ("color(shape)", "red")]
   )
   assert base.predict("count(color)") == "2"
   assert base.predict("count(color,shape,region)") == "2"  # unseen type, same query

@@ -87,5 +87,48 @@ def test_bad_vit_configs_fail_clearly():
     siglip.ViT(tm.VIT, image_size=16, output_layer=-3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"output_layer must be in \[-2, -1\]"):
     siglip.ViT(tm.VIT, image_size=16, output_layer=0, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="image_size 20 is not a multiple of the patch size 8"):
-    siglip.ViT(tm.VIT, image_size=20, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="image_size 4 is smaller than the patch size 8"):
+    siglip.ViT(tm.VIT, image_size=4, rngs=nnx.Rngs(0))
+
+
+def test_a_size_off_the_patch_grid_drops_the_remainder_like_a_valid_conv():
+  """So400m/14 at 384 px sees 27 x 27 patches: the last 6 pixel rows/columns are unused."""
+  embed = nnx.eval_shape(lambda: siglip.PatchEmbedding(8, 4, dtype="float32", rngs=nnx.Rngs(0)))
+  vlm.load_flat_params(embed, tm.random_flat_params(embed, seed=3))
+  image = tm.random_images(1, seed=3, size=20)
+  got = np.asarray(tm.apply(embed, jnp.asarray(image)))
+  want = np.asarray(tm.apply(embed, jnp.asarray(image[:, :16, :16])))
+  np.testing.assert_array_equal(got, want)
+  assert siglip.ViT(tm.VIT, image_size=20, rngs=nnx.Rngs(0)).num_patches == 4
+
+
+def test_resample_posemb_is_corner_aligned_bilinear():
+  # A 2x2 grid of scalars [[0, 1], [2, 3]] -> 3x3: corners kept, midpoints averaged.
+  grid = np.array([0.0, 1.0, 2.0, 3.0], np.float32).reshape(1, 4, 1)
+  got = siglip.resample_posemb(grid, 3).reshape(3, 3)
+  want = np.array([[0, 0.5, 1], [1, 1.5, 2], [2, 2.5, 3]], np.float32)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  rng = np.random.default_rng(0)
+  pe = rng.standard_normal((1, 16, 5)).astype(np.float32)
+  np.testing.assert_allclose(siglip.resample_posemb(pe, 4), pe, atol=1e-6)  # same grid: identity
+  with pytest.raises(ValueError, match="not a square grid"):
+    siglip.resample_posemb(np.zeros((1, 6, 2)), 3)
+
+
+def test_released_towers_decode_with_their_token_counts():
+  tokens = {}
+  for name in siglip.RELEASES:
+    v, size = siglip.decode_tower(name)
+    tokens[name] = (size // v.patch_size) ** 2
+  assert tokens == {
+    "B/16@224": 196,
+    "B/16@384": 576,
+    "L/16@384": 576,
+    "So400m/14@224": 256,
+    "So400m/14@384": 729,
+    "So400m/14@448": 1024,
+  }
+  with pytest.raises(ValueError, match="smaller than one patch"):
+    siglip.decode_tower("So400m/14@10")
+  with pytest.raises(ValueError, match="expected NAME/PATCH@SIZE"):
+    siglip.decode_tower("So400m/14")

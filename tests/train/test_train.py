@@ -204,3 +204,40 @@ def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
   assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
   monkeypatch.setattr(step_lib, "to_global_batch", real)
   assert loop_lib.run_train(_config(workdir), workdir).resumed_from == 2
+
+
+def test_model_init_loads_a_big_vision_npz_into_the_sharded_state(built, tmp_path):
+  from compact_jax.checkpoints import big_vision
+
+  config = _config(built)
+  tok = build_lib.load_tokenizer(built)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup, init_fn = state_lib.setup_state(config, vocab_size=tok.vocab_size, mesh=mesh)
+  with jax.set_mesh(mesh):
+    params = init_fn()["params"]
+  # A "pretrained" file: the same shapes with other values, towers only.
+  rng = np.random.default_rng(0)
+  flat = {
+    k: rng.normal(size=v.shape).astype(np.float32)
+    for k, v in mesh_lib.path_names(params).items()
+    if k.startswith(("img/", "llm/"))
+  }
+  path = str(tmp_path / "pretrained.npz")
+  big_vision.export_npz(flat, path, {"img/": "params/img/", "llm/": "params/llm/"})
+  with config.unlocked():
+    config.model_init.path = path
+  loaded = state_lib.load_model_init(params, setup.shardings["params"], config.model_init)
+  got = mesh_lib.path_names(loaded)
+  for k, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(got[k]), v)
+    assert got[k].sharding == mesh_lib.path_names(setup.shardings["params"])[k]
+  # The connector is not in the file: it keeps its fresh init.
+  before = mesh_lib.path_names(params)
+  for k in got:
+    if k.startswith("connector/"):
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(before[k]))
+  # A file that lacks a tower parameter is an error naming it.
+  del flat["llm/final_norm/scale"]
+  big_vision.export_npz(flat, path, {"img/": "params/img/", "llm/": "params/llm/"})
+  with pytest.raises(KeyError, match="llm/final_norm/scale"):
+    state_lib.load_model_init(params, setup.shardings["params"], config.model_init)
