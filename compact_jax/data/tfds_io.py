@@ -33,7 +33,7 @@ SkippedRecord = builder_lib.SkippedRecord
 
 PathLike = str | os.PathLike[str]
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
-# TFDS's constant; its temporary build directories are "incomplete.XXXXXX_<version>".
+# TFDS's constant; its temporary build directories are "incomplete.<random>_<version>".
 _INCOMPLETE_PREFIX = "incomplete."
 
 
