@@ -11,6 +11,7 @@ this file only parses flags and dispatches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -33,15 +34,19 @@ def _stage_fns() -> dict[str, Callable]:
   from compact_jax.data.build import run_build
   from compact_jax.datagen.mix import run_mix
   from compact_jax.datagen.stages import run_datagen, run_merge
+  from compact_jax.eval.bench_run import run_benchmarks
   from compact_jax.eval.run import run_eval
-  from compact_jax.train.loop import run_train
+  from compact_jax.train.loop import TRAIN_PHASES, run_train
   from compact_jax.world.generate import run_generate
+  from compact_jax.world.vision import run_vision
 
   return {
     "generate": run_generate,
     "build": run_build,
-    "train": run_train,
+    "vision": run_vision,
+    **{phase: functools.partial(run_train, phase=phase) for phase in TRAIN_PHASES},
     "eval": run_eval,
+    "benchmarks": run_benchmarks,
     "datagen": run_datagen,
     "merge": run_merge,
     "mix": run_mix,
@@ -54,10 +59,21 @@ def run(config, workdir: str) -> dict:
   unknown = [s for s in config.stages if s not in stages]
   if unknown:
     raise ValueError(f"Unknown stage(s) {unknown}; choose from {list(stages)}")
-  os.makedirs(workdir, exist_ok=True)
   from compact_jax import runtime
+  from compact_jax.train import mesh as mesh_lib
 
+  mesh_lib.maybe_initialize_distributed(config.distributed)
   runtime.enable_compilation_cache(config.compilation_cache_dir)
+  if config.dry_run:
+    from compact_jax.train import dry_run as dry_run_lib
+    from compact_jax.train.loop import TRAIN_PHASES
+
+    results = {}
+    for phase in (s for s in config.stages if s in TRAIN_PHASES):
+      results[phase] = dry_run_lib.dry_run(config, phase=phase)
+      print(f"=== dry run: {phase} ===\n" + dry_run_lib.format_report(results[phase]), flush=True)
+    return results
+  os.makedirs(workdir, exist_ok=True)
   results = {}
   for name in config.stages:
     t0 = time.time()

@@ -14,8 +14,40 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = ("generate", "build", "train", "eval")
+# param_groups patterns (fullmatched): LoRA adapters, and everything else.
+LORA_TRAINABLE = r".*_lora_[ab]"
+NOT_LORA = r".*(?<!_lora_a)(?<!_lora_b)"
 # LLaVA-1.5's short-answer instruction (COMPACT appends it to the first question).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+
+
+def train_phase() -> ml_collections.ConfigDict:
+  """The defaults of one training phase (``config.train``, ``config.pretrain``)."""
+  t = ml_collections.ConfigDict()
+  t.split = "train"  # built split to train on
+  t.template = ""  # chat template of this phase ("" = data.template), e.g. "plain" for captions
+  # Phase whose final params initialise this one ("" = random init, then
+  # config.model_init); its optimizer state is not carried over.
+  t.init_from = ""
+  t.batch_size = 32  # global
+  t.total_steps = 900
+  t.lr = 1e-3
+  t.warmup_steps = 50
+  t.end_lr_fraction = 0.05  # cosine decays to lr * this
+  t.weight_decay = 1e-4
+  t.b1 = 0.9
+  t.b2 = 0.98
+  t.grad_clip_norm = 1.0
+  t.label_smoothing = 0.0
+  # (regex over "img/..."/"llm/..." paths, lr multiplier or None = frozen);
+  # every parameter must match exactly one pattern.
+  t.param_groups = ((".*", 1.0),)
+  t.log_every_steps = 50
+  t.ckpt_every_steps = 250
+  t.keep_checkpoints = 2
+  # Raise (instead of logging an error) when a shape compiles twice; tests set it.
+  t.fail_on_recompile = False
+  return t
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,6 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   # Set by --overwrite: redo finished stages instead of skipping them.
   c.overwrite = False
+  # Join a multi-host job with jax.distributed.initialize(): True, False, or None
+  # = when the environment shows one (Cloud TPU pod, SLURM, Open MPI).
+  c.distributed = None
+  # Instead of running the stages, compile the train step of each training phase in
+  # config.stages on config.mesh with abstract arrays and print memory, shardings
+  # and FLOPs (compact_jax/train/dry_run.py); nothing is read or allocated.
+  c.dry_run = False
   # Persistent XLA compilation cache ("" = off); reruns skip compiles.
   c.compilation_cache_dir = "~/.cache/compact_jax/xla"
 
@@ -72,15 +111,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Tokenizer: a sentencepiece model trained on the records' text, or an
   # existing .model file (then no training).
   c.build.tokenizer_file = ""
+  # Splits whose text trains the tokenizer (those of them in build.records).
+  c.build.tokenizer_splits = ("train", "captions")
   c.build.tokenizer_vocab_size = 512
   c.build.tokenizer_model_type = "bpe"
+
+  # --- vision: the tiny world's vision-tower pretraining (world/vision.py) -----
+  # Dense per-cell labels of the train scenes stand in for SigLIP pretraining;
+  # the tower goes to WORKDIR/vision/img.npz (load it with model_init). Off unless
+  # "vision" is in config.stages.
+  c.vision = ml_collections.ConfigDict()
+  c.vision.total_steps = 300
+  c.vision.batch_size = 64
+  c.vision.lr = 1e-3
+  c.vision.warmup_steps = 30
+  c.vision.weight_decay = 1e-4
+  c.vision.log_every_steps = 50
+  c.vision.eval_images = 600  # test images whose cells are scored (never trained on)
 
   # --- data: the grain input pipeline (compact_jax/data) --------------------
   c.data = ml_collections.ConfigDict()
   c.data.template = "gemma"  # chat template, see compact_jax/data/template.py
   c.data.image_size = 64  # model input resolution (after pad-to-square)
   # Text lengths (tokens) that batches are padded to; one compile per bucket.
-  c.data.seq_buckets = (64, 80, 96, 128)
+  c.data.seq_buckets = (64, 80, 96, 128, 144)
   c.data.worker_count = 0  # grain multiprocessing workers; 0 = in-process
   c.data.shuffle_buffer_seed = 0
 
@@ -93,7 +147,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # "none" or a jax.checkpoint_policies name
   c.model.dtype = "float32"  # compute dtype; params stay float32
-  # Start training from a big_vision-layout npz (see compact_jax/checkpoints;
+  # LoRA adapters (models/lora.py) on every weight whose "/"-joined path a target
+  # regex searches, e.g. r"llm/layers[^/]*/attn/(q|kv|attn_vec)_einsum/w$"; () = none.
+  # The adapters are params named <weight>_lora_a / _lora_b: give them a group
+  # in <phase>.param_groups (LORA_TRAINABLE / NOT_LORA below).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.targets = ()
+  c.model.lora.rank = 8
+  c.model.lora.alpha = 16.0
+  c.model.lora.partial = False  # adapters act at image-token positions only
+  # Start training from a big_vision-layout npz (a relative path is under the
+  # workdir; see compact_jax/checkpoints;
   # `python -m compact_jax.checkpoints.cli hf-to-npz` converts HF checkpoints).
   # Only params under `parts`' targets are loaded; the rest keep their init.
   c.model_init = ml_collections.ConfigDict()
@@ -102,23 +166,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model_init.ignore = ()  # regexes of npz keys to skip (e.g. "^params/txt/")
 
   # --- train (compact_jax/train) ---------------------------------------------
-  c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 32  # global
-  c.train.total_steps = 900
-  c.train.lr = 1e-3
-  c.train.warmup_steps = 50
-  c.train.end_lr_fraction = 0.05  # cosine decays to lr * this
-  c.train.weight_decay = 1e-4
-  c.train.b1 = 0.9
-  c.train.b2 = 0.98
-  c.train.grad_clip_norm = 1.0
-  c.train.label_smoothing = 0.0
-  # (regex over "img/..."/"llm/..." paths, lr multiplier or None = frozen);
-  # every parameter must match exactly one pattern.
-  c.train.param_groups = ((".*", 1.0),)
-  c.train.log_every_steps = 50
-  c.train.ckpt_every_steps = 250
-  c.train.keep_checkpoints = 2
+  # A training phase; `config.pretrain` below has the same keys. The launcher
+  # stage of the same name runs it into WORKDIR/<phase>/.
+  c.train = train_phase()
+  # The caption phase (launcher stage "pretrain"): LLaVA's stage 1, and for a
+  # model trained from scratch its vision pretraining. Off unless listed in
+  # config.stages; then set train.init_from = "pretrain".
+  c.pretrain = train_phase()
+  c.pretrain.split = "captions"
 
   # --- mesh and sharding (one rules table; models name logical axes only) ----
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

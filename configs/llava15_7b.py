@@ -22,6 +22,8 @@ then ``checkpoints.init_from_npz(model, path, {"params/llm/": "llm/"})`` (and
 
 from __future__ import annotations
 
+import ml_collections
+
 from compact_jax import configlib
 from configs import base
 
@@ -38,9 +40,36 @@ def get_config(arg: str | None = None):
   c.model.remat_policy = "nothing_saveable"
   c.data.template = "vicuna_v1"
   c.build.tokenizer_file = "/ckpt/vicuna-7b-v1.5/tokenizer.model"
-  c.train.lr = 2e-5  # LLaVA-1.5 fine-tuning
-  # Stage 2 of LLaVA: train connector + LLM, keep the ViT frozen.
-  c.train.param_groups = (("^img/", None), (".*", 1.0))
+  # LLaVA-1.5's two phases (scripts/v1_5/pretrain.sh, finetune_lora.sh; see
+  # ../shared/reference): `pretrain` aligns the connector on captions (558K, one
+  # epoch at batch 256, lr 1e-3, plain template) with the towers frozen; `train`
+  # tunes LoRA r=128 alpha=256 on every LLM projection at lr 2e-4 and the connector
+  # at 2e-5, batch 128, one epoch, from the pretrain phase's params.
+  c.stages = ("build", "pretrain", "train", "eval")
+  c.build.records = ml_collections.ConfigDict({"train": (), "test": (), "captions": ()})
+  c.pretrain.template = "plain"
+  c.pretrain.batch_size = 256
+  c.pretrain.total_steps = 2180  # 558K captions / 256
+  c.pretrain.lr = 1e-3
+  c.pretrain.warmup_steps = 65  # 3%
+  c.pretrain.weight_decay = 0.0
+  c.pretrain.param_groups = (("(img|llm)/.*", None), ("connector/.*", 1.0))
+  # "layers" when scanned, "layers_<i>" when not.
+  c.model.lora.targets = (r"llm/layers[^/]*/attn/(q|kv|attn_vec)_einsum/w$",
+                          r"llm/layers[^/]*/mlp/(gating_einsum|linear)$")  # fmt: skip
+  c.model.lora.rank = 128
+  c.model.lora.alpha = 256.0
+  c.train.init_from = "pretrain"
+  c.train.batch_size = 128
+  c.train.total_steps = 5200  # 665K samples / 128; COMPACT's 65K mix: ~510
+  c.train.lr = 2e-4
+  c.train.warmup_steps = 156  # 3%
+  c.train.weight_decay = 0.0
+  c.train.param_groups = (
+    (base.LORA_TRAINABLE, 1.0),
+    ("connector/.*", 0.1),  # 2e-5
+    (r"(img|llm)/" + base.NOT_LORA, None),
+  )
   if a.tiny:
     c.model.vit_variant = "smoke/16"
     c.model.vit_output_layer = -1  # smoke/16 has one block
@@ -49,6 +78,11 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"
     c.model.remat_policy = "none"
     c.build.tokenizer_file = ""
-    c.train.lr = 1e-3
+    c.model.lora.rank = 4
+    c.model.lora.alpha = 8.0
+    for phase in (c.pretrain, c.train):
+      phase.batch_size = 8
+      phase.total_steps = 20
+      phase.warmup_steps = 2
   c.lock()
   return c

@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
   c.data.template = "gemma"
   c.build.tokenizer_file = "/ckpt/gemma-2b/tokenizer.model"
   c.train.lr = 2e-5
-  c.train.param_groups = (("^img/", None), (".*", 1.0))
+  c.train.param_groups = (("img/.*", None), ("(connector|llm)/.*", 1.0))
   if a.tiny:
     c.model.vit_variant = "smoke/16"
     c.data.image_size = 64

@@ -10,6 +10,8 @@ Arguments (after the colon, comma-separated):
 
 from __future__ import annotations
 
+import ml_collections
+
 from compact_jax import configlib
 from configs import base
 
@@ -20,6 +22,15 @@ def get_config(arg: str | None = None):
   # Two layers-stacks of 4 run ~25% faster unrolled on XLA:CPU than scanned; the
   # compile costs a few seconds more. Real models keep scan (configs/base.py).
   c.model.scan_layers = False
+  # The vision tower is pretrained on the train scenes' dense cell labels (the
+  # stand-in for a pretrained SigLIP, world/vision.py), then the whole VLM is
+  # tuned on the COMPACT question mix from it. The caption phase (`pretrain`,
+  # LLaVA's stage 1) is available: add it to stages, set train.init_from.
+  c.stages = ("generate", "build", "vision", "train", "eval")
+  c.build.records = ml_collections.ConfigDict({"train": (), "test": (), "captions": ()})
+  c.model_init.path = "vision/img.npz"
+  c.model_init.parts = (("params/img/", "img/"),)
+  c.pretrain.total_steps = 500
   if a.smoke:
     c.world.num_train_images = 160
     c.world.num_test_images = 60
@@ -27,11 +38,16 @@ def get_config(arg: str | None = None):
     c.build.tokenizer_vocab_size = 256
     c.model.vit_variant = "smoke/16"
     c.model.llm_variant = "smoke"
-    c.train.batch_size = 16
-    c.train.total_steps = 30
-    c.train.warmup_steps = 5
-    c.train.log_every_steps = 10
-    c.train.ckpt_every_steps = 15
+    c.vision.total_steps = 20
+    c.vision.batch_size = 16
+    c.vision.log_every_steps = 10
+    c.vision.eval_images = 60
+    for phase in (c.pretrain, c.train):
+      phase.batch_size = 16
+      phase.total_steps = 30
+      phase.warmup_steps = 5
+      phase.log_every_steps = 10
+      phase.ckpt_every_steps = 15
     c.eval.batch_size = 32
     c.eval.max_examples = 64
   c.lock()

@@ -1,4 +1,4 @@
-"""The launcher end to end: the smoke tiny world through all four stages, then a rerun."""
+"""The launcher end to end: the smoke tiny world through every stage, then a rerun."""
 
 import json
 import os
@@ -22,9 +22,12 @@ def smoke_run(tmp_path_factory):
 
 def test_all_stages_write_their_outputs(smoke_run):
   workdir, config, results = smoke_run
-  assert list(results) == ["generate", "build", "train", "eval"]
+  assert list(results) == ["generate", "build", "vision", "train", "eval"]
   for rel in (
     "generate/train.jsonl",
+    "generate/captions.jsonl",
+    "vision/img.npz",
+    "vision/accuracy.png",
     "generate/test.jsonl",
     "generate/summary.json",
     "build/build_report.json",
@@ -54,7 +57,12 @@ def test_rerun_skips_finished_stages(smoke_run):
   workdir, config, first = smoke_run
   stamps = {
     rel: os.path.getmtime(os.path.join(workdir, rel))
-    for rel in ("generate/summary.json", "build/build_report.json", "eval/results.json")
+    for rel in (
+      "generate/summary.json",
+      "build/build_report.json",
+      "vision/report.json",
+      "eval/results.json",
+    )
   }
   again = main_lib.run(config, workdir)
   assert again["train"].skipped
@@ -79,3 +87,29 @@ def test_cli_rejects_a_misspelled_config_key(tmp_path):
   )
   assert proc.returncode != 0
   assert "totl_steps" in proc.stderr
+
+
+def test_benchmarks_stage_reads_the_trained_checkpoint(smoke_run, tmp_path):
+  """`configs/eval.py` on the launcher's own checkpoint: the tinyworld benchmark restores
+  it from Orbax and answers the test split as the eval stage did (same greedy decoder)."""
+  import configs.eval as eval_config
+
+  workdir, _, results = smoke_run
+  config = eval_config.get_config("benchmarks=tinyworld,smoke")
+  with config.unlocked():
+    config.checkpoint = workdir
+    config.compilation_cache_dir = ""
+    config.bench.max_examples = -1
+    config.bench.max_new_tokens = -1
+  out = str(tmp_path / "bench")
+  bench = main_lib.run(config, out)["benchmarks"]
+  assert bench["checkpoint"]["step"] == results["eval"]["checkpoint_step"]
+  with open(os.path.join(workdir, "eval/predictions.jsonl")) as f:
+    staged = {f"{r['id']}#{r['turn']}": r for r in map(json.loads, f)}
+  with open(os.path.join(out, "benchmarks/predictions/tinyworld.jsonl")) as f:
+    ours = {r["id"]: r for r in map(json.loads, f) if r["id"] in staged}
+  assert len(ours) == len(staged) > 0
+  agree = sum((ours[i]["score"] == 1.0) == staged[i]["correct"] for i in staged)
+  # Prompt buckets differ between the two, so a near-tie logit may flip a rare answer.
+  assert agree >= 0.95 * len(staged), (agree, len(staged))
+  assert os.path.getsize(os.path.join(out, "benchmarks/accuracy_by_k.png")) > 0

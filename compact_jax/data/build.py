@@ -5,8 +5,8 @@ generate stage's ``WORKDIR/generate/{split}.jsonl``) and images under
 ``config.build.image_roots`` (default: ``WORKDIR/generate``). Writes
 ``WORKDIR/build/``:
 - ``tfds/<dataset_name>/...`` the TFDS dataset, one split per record set;
-- ``tokenizer.model`` a SentencePiece model trained on the train split's
-  templated text (or a copy of ``config.build.tokenizer_file``);
+- ``tokenizer.model`` a SentencePiece model trained on the templated text of
+  ``config.build.tokenizer_splits`` (or a copy of ``config.build.tokenizer_file``);
 - ``build_report.json`` the per-split counts, written last (it marks the
   stage as finished).
 """
@@ -87,12 +87,17 @@ def run_build(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     os.replace(tok_path + ".tmp", tok_path)
     tokenizer = Tokenizer.load(tok_path)
   else:
-    if "train" not in files:
-      raise ValueError("Training a tokenizer needs a 'train' split in config.build.records")
+    splits = [s for s in config.build.tokenizer_splits if s in files]
+    if not splits:
+      raise ValueError(
+        f"Training a tokenizer needs one of config.build.tokenizer_splits="
+        f"{tuple(config.build.tokenizer_splits)} in config.build.records ({list(files)})"
+      )
     texts = []
-    for path in files["train"]:
-      for rec in records_lib.read_records(path):
-        texts.append(template_lib.rendered_text(rec["conversations"], template))
+    for split in splits:
+      for path in files[split]:
+        for rec in records_lib.read_records(path):
+          texts.append(template_lib.rendered_text(rec["conversations"], template))
     tokenizer = train_tokenizer(
       texts,
       tok_path,

@@ -1,7 +1,7 @@
-"""Batched greedy decoding with a KV cache, for a ``models.vlm.VLM``.
+"""Batched decoding with a KV cache, for a ``models.vlm.VLM``: greedy or sampled.
 
 Einsum letters: B batch, P prompt len, N image tokens, S cache len
-(N + P + max_new_tokens), L layers, K kv heads, H head dim.
+(N + P + max_new_tokens), L layers, K kv heads, H head dim, V vocab.
 
 Prompts are LEFT-padded (``prompt_mask`` False on the left), so every row's
 last prompt token sits at the same index and generated tokens are written to
@@ -11,16 +11,27 @@ attends to the prefix, to earlier generated tokens and to itself. Positions
 count valid tokens only, so padding never shifts RoPE and a row's output does
 not depend on what else is in its batch.
 
-``make_greedy_decoder`` jits one function per (batch, prompt length, image)
-shape; the decode loop is a ``lax.while_loop`` with a fixed-size cache
-``float[L, B, S, K, H]``, so nothing retraces per token.
-``greedy_decode_reference`` re-runs the training forward pass instead, and is
-the yardstick the tests hold the cached decoder to.
+Sampling (temperature / top-k / top-p) draws row r's token t with the key
+``fold_in(fold_in(key(seed), row_ids[r]), t)``: a row's randomness depends on
+its own id (e.g. the example's index in the benchmark), never on its position
+in the batch, so sampled outputs are batch-size invariant too.
+
+Generation stops per row at any of ``stop_ids`` (kept in the output, padding
+after it) or after ``max_new_tokens``. Stop *strings* cannot be checked inside
+jit (they need detokenization), so ``cut_at_stop_strings`` trims decoded text
+on the host; the tokens after a stop string are wasted compute, nothing more.
+
+``make_decoder`` jits one function per (batch, prompt length, image) shape; the
+decode loop is a ``lax.while_loop`` with a fixed-size cache ``float[L, B, S, K, H]``,
+so nothing retraces per token. ``greedy_decode_reference`` re-runs the training
+forward pass instead, and is the yardstick the tests hold the cached decoder to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +39,34 @@ import numpy as np
 from flax import nnx
 
 from compact_jax.models.vlm import VLM, make_attn_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen. ``temperature == 0`` is greedy (argmax) and ignores
+  the other fields; otherwise logits / temperature are restricted to the ``top_k``
+  most likely tokens (0 = all) and then to the smallest set whose probability
+  reaches ``top_p`` (1.0 = all), and a token is drawn with ``seed``."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+GREEDY = Sampling()
 
 
 def _check_inputs(image, prompt_tokens, prompt_mask, has_image) -> None:
@@ -53,21 +92,54 @@ def _check_inputs(image, prompt_tokens, prompt_mask, has_image) -> None:
     raise ValueError(f"Prompts must be left-padded: rows {bad} have padding after a valid token")
 
 
-class GreedyDecoder:
-  """``decoder(params_state, image, prompt_tokens, prompt_mask, has_image) -> int32[B, max_new_tokens]``.
+def filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
+  """float32[B, V] logits with tokens outside top-k / the top-p nucleus set to -inf.
 
-  Built by ``make_greedy_decoder``. ``num_traces`` counts how often the
-  decode function was traced (once per input shape), so callers and tests can
-  see that repeated calls do not recompile.
+  The nucleus keeps every token whose probability mass *before* it (in descending
+  order) is below ``top_p``, so the most likely token always survives. Ties at
+  the threshold are all kept (a threshold on values, not on sorted positions).
+  """
+  neg = jnp.finfo(logits.dtype).min
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    # The smallest logit still inside the nucleus.
+    cutoff = jnp.min(jnp.where(before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return logits
+
+
+class Decoder:
+  """``decoder(params_state, image, prompt_tokens, prompt_mask, has_image[, row_ids])
+  -> int32[B, max_new_tokens]``.
+
+  Built by ``make_decoder`` (or ``make_greedy_decoder``). ``num_traces`` counts how
+  often the decode function was traced (once per input shape), so callers and
+  tests can see that repeated calls do not recompile.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int):
+  def __init__(
+    self,
+    graphdef: nnx.GraphDef,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    stop_ids: Sequence[int] = (),
+    sampling: Sampling = GREEDY,
+  ):
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     self.graphdef = graphdef
     self.max_new_tokens = max_new_tokens
     self.eos_id = eos_id
     self.pad_id = pad_id
+    self.stop_ids = tuple(sorted({int(eos_id), *(int(s) for s in stop_ids)}))
+    self.sampling = sampling
     self.num_traces = 0
     self._jitted = jax.jit(self._decode)
 
@@ -78,8 +150,10 @@ class GreedyDecoder:
     prompt_tokens: jax.Array,
     prompt_mask: jax.Array,
     has_image: jax.Array,
+    row_ids: jax.Array | None = None,
+    seed: int | None = None,
   ) -> jax.Array:
-    """Greedy continuations.
+    """Continuations of each prompt.
 
     Args:
       params_state: the model's state, as from ``nnx.split(model)``.
@@ -87,26 +161,49 @@ class GreedyDecoder:
       prompt_tokens: int32[B, P], left-padded.
       prompt_mask: bool[B, P], False on the left padding.
       has_image: bool[B].
+      row_ids: int32[B], what each row's sampling key is derived from (default
+        0..B-1); give each example a stable id to make sampling batch-invariant.
+        Unused when greedy.
+      seed: overrides ``sampling.seed`` for this call (a traced value: no recompile).
 
     Returns:
-      int32[B, max_new_tokens]: generated tokens; after a row's EOS (which is
-      kept) every token is ``pad_id``.
+      int32[B, max_new_tokens]: generated tokens; after a row's stop token (which
+      is kept) every token is ``pad_id``.
     """
     _check_inputs(image, prompt_tokens, prompt_mask, has_image)
+    b = np.shape(prompt_tokens)[0]
+    if row_ids is None:
+      row_ids = np.arange(b)
+    if np.shape(row_ids) != (b,):
+      raise ValueError(f"row_ids has shape {np.shape(row_ids)}, expected {(b,)}")
     return self._jitted(
       params_state,
       jnp.asarray(image, jnp.float32),
       jnp.asarray(prompt_tokens, jnp.int32),
       jnp.asarray(prompt_mask, bool),
       jnp.asarray(has_image, bool),
+      jnp.asarray(row_ids, jnp.uint32),
+      jnp.uint32(self.sampling.seed if seed is None else seed),
     )
 
-  def _decode(self, state, image, prompt_tokens, prompt_mask, has_image):
+  def _pick(self, logits: jax.Array, row_keys: jax.Array, t: jax.Array) -> jax.Array:
+    """int32[B] next tokens from float32[B, V] logits at generation step ``t``."""
+    s = self.sampling
+    if s.greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits.astype(jnp.float32) / s.temperature, top_k=s.top_k, top_p=s.top_p)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+  def _decode(self, state, image, prompt_tokens, prompt_mask, has_image, row_ids, seed):
     self.num_traces += 1  # runs at trace time only
     model: VLM = nnx.merge(self.graphdef, state)
     lm = model.llm
     b = prompt_tokens.shape[0]
     max_new = self.max_new_tokens
+    stop_ids = jnp.asarray(self.stop_ids, jnp.int32)
+    base_key = jax.random.key(seed)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids)
 
     # Prefill: the whole prefix in one pass, writing cache slots [0, N + P).
     x, valid, _ = model.embed_prefix(image, prompt_tokens, prompt_mask, has_image)
@@ -126,10 +223,10 @@ class GreedyDecoder:
       lora_mask=model.lora_mask(b, n_img, prompt_tokens.shape[1]),
     )
     # With left padding the last prefix slot is every row's last prompt token.
-    first = jnp.argmax(lm.logits(aux["pre_logits"][:, -1:])[:, 0], axis=-1).astype(jnp.int32)
+    first = self._pick(lm.logits(aux["pre_logits"][:, -1:])[:, 0], row_keys, jnp.int32(0))
 
     out = jnp.full((b, max_new), self.pad_id, jnp.int32).at[:, 0].set(first)
-    done = first == self.eos_id
+    done = jnp.isin(first, stop_ids)
     kv_valid = jnp.pad(valid, ((0, 0), (0, max_new)))
     num_valid = valid.sum(axis=1).astype(jnp.int32)
 
@@ -152,20 +249,66 @@ class GreedyDecoder:
         cache_index=slot,
         lora_mask=model.lora_mask(b, 0, 1),  # generated tokens are text
       )
-      tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+      tok = self._pick(logits[:, 0], row_keys, t)
       tok = jnp.where(done, self.pad_id, tok)
       out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], t, axis=1)
-      return t + 1, out, done | (tok == self.eos_id), aux["kv_cache"], kv_valid
+      return t + 1, out, done | jnp.isin(tok, stop_ids), aux["kv_cache"], kv_valid
 
     carry = (jnp.int32(1), out, done, aux["kv_cache"], kv_valid)
     return jax.lax.while_loop(cond, step, carry)[1]
 
 
+# The greedy decoder is the general one with the default (greedy) sampling.
+GreedyDecoder = Decoder
+
+
+def make_decoder(
+  graphdef: nnx.GraphDef,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+  stop_ids: Sequence[int] = (),
+  sampling: Sampling = GREEDY,
+) -> Decoder:
+  """A jitted decoder for models with this graphdef (see ``Decoder``)."""
+  return Decoder(
+    graphdef,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    stop_ids=stop_ids,
+    sampling=sampling,
+  )
+
+
 def make_greedy_decoder(
   graphdef: nnx.GraphDef, *, max_new_tokens: int, eos_id: int, pad_id: int
-) -> GreedyDecoder:
-  """A jitted greedy decoder for models with this graphdef (see ``GreedyDecoder``)."""
-  return GreedyDecoder(graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+) -> Decoder:
+  """A jitted greedy decoder for models with this graphdef (see ``Decoder``)."""
+  return Decoder(graphdef, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+def trim_generated(ids: Sequence[int], *, stop_ids: Sequence[int], pad_id: int) -> list[int]:
+  """A row of generated ids up to (not including) its first stop token, padding dropped."""
+  stops = set(int(s) for s in stop_ids)
+  out = []
+  for t in ids:
+    t = int(t)
+    if t in stops:
+      break
+    if t != pad_id:
+      out.append(t)
+  return out
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+  """``text`` up to the earliest occurrence of any stop string (all of it if none occurs)."""
+  end = len(text)
+  for s in stop_strings:
+    if s and (i := text.find(s)) != -1:
+      end = min(end, i)
+  return text[:end]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,7 +1,10 @@
-"""The ``train`` stage: resume-or-init, then step, log and checkpoint.
+"""Training phases (``train``, ``pretrain``): resume-or-init, step, log, checkpoint.
 
-Reads ``WORKDIR/build/`` (the TFDS dataset and tokenizer), writes
-``WORKDIR/train/``:
+A phase is a launcher stage of the same name configured by ``config.<phase>``
+(``configs/base.py`` ``train_phase()``): it trains on the built split
+``config.<phase>.split`` and may start from another phase's final params
+(``init_from``). It reads ``WORKDIR/build/`` (the TFDS dataset and tokenizer)
+and writes ``WORKDIR/<phase>/``:
 - ``checkpoints/<step>/`` Orbax checkpoints (state, data iterator, meta);
 - ``metrics.jsonl`` one line per log step (also TensorBoard events in ``tb/``);
 - ``data_stats.json`` what tokenization did to the split (truncation, drops);
@@ -37,6 +40,9 @@ from compact_jax.train import state as state_lib
 from compact_jax.train import step as step_lib
 
 METRICS_FILE = "metrics.jsonl"
+# Launcher stages that are training phases: each reads config.<phase> and writes
+# WORKDIR/<phase>/ (main.py runs them through run_train).
+TRAIN_PHASES = ("pretrain", "train")
 
 
 @dataclasses.dataclass
@@ -72,12 +78,50 @@ class PreemptionFlag:
       self._previous = None
 
 
-def train_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.fspath(workdir), "train")
+def train_dir(workdir: str | os.PathLike, phase: str = "train") -> str:
+  return os.path.join(os.fspath(workdir), phase)
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(train_dir(workdir), "checkpoints")
+def checkpoint_dir(workdir: str | os.PathLike, phase: str = "train") -> str:
+  return os.path.join(train_dir(workdir, phase), "checkpoints")
+
+
+def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collections.ConfigDict:
+  """``config`` with ``config.train`` replaced by ``config.<phase>``.
+
+  The state, optimizer and step read ``config.train``; a phase is the same code
+  under another sub-config.
+  """
+  if phase not in config or not isinstance(config[phase], ml_collections.ConfigDict):
+    raise ValueError(f"No training phase config.{phase} (see configs/base.py train_phase)")
+  if phase == "train":
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.train = ml_collections.ConfigDict(config[phase].to_dict())
+  out.lock()
+  return out
+
+
+def _init_from_phase(
+  config: ml_collections.ConfigDict, workdir: str, source: str, mesh, vocab_size: int
+):
+  """The final params of phase ``source``, placed in this run's param shardings."""
+  src_config = phase_config(config, source)
+  directory = checkpoint_dir(workdir, source)
+  ckpt = checkpoint_lib.Checkpointer(directory, keep=src_config.train.keep_checkpoints)
+  try:
+    step = ckpt.latest_step()
+    if step is None or step < src_config.train.total_steps:
+      raise FileNotFoundError(
+        f"init_from={source!r}: phase {source!r} has not finished (latest checkpoint "
+        f"{step} of {src_config.train.total_steps} steps in {directory}); run that stage first"
+      )
+    setup, _ = state_lib.setup_state(src_config, vocab_size=vocab_size, mesh=mesh)
+    state, _, _ = ckpt.restore(setup.abstract, step)
+  finally:
+    ckpt.close()
+  logging.info("Initialised params from phase %r step %d (%s)", source, step, directory)
+  return state["params"]
 
 
 class MetricsWriter:
@@ -154,23 +198,29 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
   plt.close(fig)
 
 
-def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainResult:
-  """Trains ``config.model`` on the built train split; resumes if possible."""
+def run_train(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, phase: str = "train"
+) -> TrainResult:
+  """Trains ``config.model`` for phase ``config.<phase>``; resumes if possible."""
   workdir = os.fspath(workdir)
-  out_dir = train_dir(workdir)
+  config = phase_config(config, phase)
+  out_dir = train_dir(workdir, phase)
   os.makedirs(out_dir, exist_ok=True)
   cfg = config.train
+  if cfg.init_from == phase:
+    raise ValueError(f"config.{phase}.init_from names the phase itself")
 
   tokenizer = build_lib.load_tokenizer(workdir)
-  template = template_lib.TEMPLATES[config.data.template]
-  source = build_lib.load_split(config, workdir, "train")
+  template_name = cfg.template or config.data.template
+  template = template_lib.TEMPLATES[template_name]
+  source = build_lib.load_split(config, workdir, cfg.split)
   stats, indices = pipeline_lib.analyze(source, tokenizer, template, config.data.seq_buckets)
-  logging.info("train split: %s", stats.summary())
+  logging.info("%s: split %r: %s", phase, cfg.split, stats.summary())
   if jax.process_index() == 0:
     with open(os.path.join(out_dir, "data_stats.json"), "w") as f:
       json.dump(dataclasses.asdict(stats), f, indent=2)
   if not len(indices):
-    raise ValueError("No trainable examples in the train split (all fully masked)")
+    raise ValueError(f"No trainable examples in split {cfg.split!r} (all fully masked)")
 
   mesh = mesh_lib.make_mesh(config.mesh)
   if cfg.batch_size % jax.process_count():
@@ -201,11 +251,12 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     shard_count=jax.process_count(),
   )
   data_iter = pipeline_lib.make_iterator(dataset)
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), keep=cfg.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir, phase), keep=cfg.keep_checkpoints)
   meta = {
+    "phase": phase,
     "vocab_size": tokenizer.vocab_size,
     "tokenizer": os.path.abspath(tokenizer.path),
-    "template": config.data.template,
+    "template": template_name,
     "image_size": config.data.image_size,
     "model": config.model.to_dict(),
     "process_count": jax.process_count(),
@@ -213,12 +264,20 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   writer = MetricsWriter(out_dir)
 
   latest = ckpt.latest_step()
+  carried = None
+  if latest is None and cfg.init_from:
+    # Outside set_mesh: building the source phase's abstract state resolves
+    # logical axis names itself.
+    carried = _init_from_phase(config, workdir, cfg.init_from, mesh, tokenizer.vocab_size)
   with jax.set_mesh(mesh):
     if latest is None:
       state = init_fn()
-      if config.model_init.path:
+      if carried is not None:
+        state["params"] = carried
+        del carried
+      elif config.model_init.path:
         state["params"] = state_lib.load_model_init(
-          state["params"], setup.shardings["params"], config.model_init
+          state["params"], setup.shardings["params"], config.model_init, workdir
         )
         logging.info(
           "Initialised %s from %s", dict(config.model_init.parts), config.model_init.path
@@ -238,7 +297,9 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
 
     start = int(jax.device_get(state["step"]))
     if start >= cfg.total_steps:
-      logging.info("train: finished already (step %d >= total_steps %d)", start, cfg.total_steps)
+      logging.info(
+        "%s: finished already (step %d >= total_steps %d)", phase, start, cfg.total_steps
+      )
       ckpt.close()
       return TrainResult(start, resumed, {}, skipped=True)
 
@@ -265,6 +326,7 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         host["examples_per_sec"] = rate * cfg.batch_size
         host["tokens_per_sec"] = tokens_since / dt  # image + text tokens into the LLM
         host["compiles"] = train_step.num_traces
+        host["recompiles"] = train_step.num_retraces
         eta = (cfg.total_steps - step) / max(rate, 1e-9)
         logging.info(
           "step %d/%d (%.0f%%) loss %.4f tok_acc %.3f lr %.2e |g| %.3f  %.2f steps/s "
@@ -309,6 +371,15 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             host_batch["tokens"].shape[1],
             train_step.num_traces,
           )
+          if train_step.num_retraces:
+            message = (
+              f"RECOMPILED the train step at step {step} for text length "
+              f"{host_batch['tokens'].shape[1]}, a shape it had compiled before: something "
+              "other than the bucketed length changed (dtype, sharding, a Python value)"
+            )
+            if cfg.fail_on_recompile:
+              raise RuntimeError(message)
+            logging.error(message)
         # Reading step N-1's metrics after dispatching step N keeps the device
         # busy while the host checks for NaN.
         if pending is not None:
@@ -334,12 +405,16 @@ def run_train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   return TrainResult(step, resumed, last, preempted=preempted.set)
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=None):
-  """(graphdef, params, meta) of the latest checkpoint, for evaluation."""
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir), keep=config.train.keep_checkpoints)
+def load_params(
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=None, phase: str = "train"
+):
+  """(graphdef, params, meta) of phase ``phase``'s latest checkpoint, for evaluation."""
+  config = phase_config(config, phase)
+  directory = checkpoint_dir(workdir, phase)
+  ckpt = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints)
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}; run the train stage")
+    raise FileNotFoundError(f"No checkpoint under {directory}; run the {phase} stage")
   meta = ckpt.restore_meta(step)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   setup, _ = state_lib.setup_state(config, vocab_size=meta["vocab_size"], mesh=mesh)
@@ -350,10 +425,10 @@ def load_params(config: ml_collections.ConfigDict, workdir: str | os.PathLike, m
 
 
 def latest_checkpoint_step(
-  config: ml_collections.ConfigDict, workdir: str | os.PathLike
+  config: ml_collections.ConfigDict, workdir: str | os.PathLike, phase: str = "train"
 ) -> int | None:
   del config  # the layout is fixed; kept for a uniform stage-helper signature
-  directory = checkpoint_dir(workdir)
+  directory = checkpoint_dir(workdir, phase)
   if not os.path.isdir(directory):
     return None
   steps = [int(d) for d in os.listdir(directory) if d.isdigit()]

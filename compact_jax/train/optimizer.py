@@ -44,6 +44,14 @@ def assign_groups(
     label = FROZEN if compiled[hits[0]][1] is None else f"g{hits[0]}"
     labels_flat[tuple(name.split("/"))] = label
     members.setdefault(label, []).append(name)
+  used = {
+    i for i, (rx, _) in enumerate(compiled) for name in path_names(params) if rx.fullmatch(name)
+  }
+  for i, (pattern, _) in enumerate(groups):
+    if i not in used:
+      # A pattern that matches nothing is a typo (e.g. "^img/" under fullmatch), and
+      # the parameters it meant fall silently into another group.
+      problems.append(f"pattern {pattern!r} matches no parameter (patterns are fullmatched)")
   if problems:
     raise ValueError(
       "config.train.param_groups must match every parameter exactly once:\n  "

@@ -13,6 +13,7 @@ init with ``out_shardings``, so no device ever holds an unsharded copy.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from compact_jax import sharding as sharding_lib
+from compact_jax.models import lora as lora_lib
 from compact_jax.models import vlm as vlm_lib
 from compact_jax.train import mesh as mesh_lib
 from compact_jax.train import optimizer as optimizer_lib
@@ -34,10 +36,22 @@ TrainState = dict[str, Any]
 def build_model(
   model_cfg: ml_collections.ConfigDict, *, vocab_size: int, image_size: int, seed: int
 ):
-  """The VLM described by ``config.model`` (random init)."""
-  return vlm_lib.VLM.from_config(
+  """The VLM described by ``config.model`` (random init), with its LoRA adapters."""
+  model = vlm_lib.VLM.from_config(
     model_cfg, vocab_size=vocab_size, image_size=image_size, rngs=nnx.Rngs(seed)
   )
+  if model_cfg.lora.targets:
+    lora_lib.apply_lora(
+      model,
+      lora_lib.LoraConfig(
+        targets=tuple(model_cfg.lora.targets),
+        rank=model_cfg.lora.rank,
+        alpha=model_cfg.lora.alpha,
+        partial=model_cfg.lora.partial,
+      ),
+      seed=seed,
+    )
+  return model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +92,14 @@ def setup_state(
   replicated = NamedSharding(mesh, P())
   param_shardings = mesh_lib.params_shardings(abstract_vars, mesh, config.sharding_rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Frozen groups hold optax.MaskedNode placeholders (no state); they stay as they are.
   opt_shardings = optax.tree_map_params(
     tx,
-    lambda _, s: s,
+    lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
     abstract_opt,
     param_shardings,
     transform_non_params=lambda _: replicated,
-    is_leaf=lambda x: isinstance(x, NamedSharding),
+    is_leaf=lambda x: isinstance(x, NamedSharding | optax.MaskedNode),
   )
   shardings: TrainState = {
     "step": replicated,
@@ -131,7 +146,9 @@ def merge_model(graphdef: nnx.GraphDef, params: Any):
   return nnx.merge(graphdef, state)
 
 
-def load_model_init(params: Any, shardings: Any, init_cfg: ml_collections.ConfigDict) -> Any:
+def load_model_init(
+  params: Any, shardings: Any, init_cfg: ml_collections.ConfigDict, workdir: str = ""
+) -> Any:
   """Replaces the params under ``init_cfg.parts`` with a big_vision npz's arrays.
 
   Each loaded array is placed directly in its parameter's target sharding
@@ -146,12 +163,13 @@ def load_model_init(params: Any, shardings: Any, init_cfg: ml_collections.Config
   expected = {k: tuple(v.shape) for k, v in names.items() if k.startswith(targets)}
   if not expected:
     raise ValueError(f"config.model_init.parts {parts} select no model parameter")
+  path = os.path.join(workdir, os.path.expanduser(init_cfg.path))  # absolute paths win
   flat = big_vision.import_npz(
-    big_vision.NpzCheckpoint(init_cfg.path),
+    big_vision.NpzCheckpoint(path),
     expected,
     parts,
     ignore=tuple(init_cfg.ignore),
-    what=init_cfg.path,
+    what=path,
   )
   shard_names = mesh_lib.path_names(shardings)
   loaded = {

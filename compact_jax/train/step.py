@@ -90,16 +90,20 @@ def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
 class TrainStep:
   """The step jitted with in/out shardings and the state donated.
 
-  ``num_traces`` counts traces (one per batch shape), so tests and the loop
-  can check that bucketing keeps compiles bounded.
+  ``num_traces`` counts traces, and ``traced_lengths`` the text lengths traced,
+  so the loop can tell a new bucket (expected: one compile each) from a
+  recompilation of a shape it has already compiled (a bug: a changed dtype,
+  sharding or static value), which it reports loudly or raises on.
   """
 
   def __init__(self, setup: StateSetup, config, mesh: Mesh):
     step = make_train_step(setup, config)
     self.num_traces = 0
+    self.traced_lengths: list[int] = []
 
     def wrapped(state, batch):
       self.num_traces += 1  # runs at trace time only
+      self.traced_lengths.append(int(batch["tokens"].shape[1]))
       # Activation constraints in the model resolve logical names against
       # these rules and the mesh while tracing.
       with (
@@ -115,8 +119,22 @@ class TrainStep:
       donate_argnums=(0,),
     )
 
+  @property
+  def num_retraces(self) -> int:
+    """Traces of a text length that had been traced before (0 when bucketing works)."""
+    return len(self.traced_lengths) - len(set(self.traced_lengths))
+
+  def lower(self, state: Any, batch: Any) -> jax.stages.Lowered:
+    """Lowers the jitted step for (abstract or concrete) ``state`` and ``batch``,
+    with the shardings and donation training uses (the dry run compiles this)."""
+    return self._jitted.lower(state, batch)
+
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    return self._jitted(state, batch)
+    # Inputs arrive already placed (to_global_batch) and the state lives in its
+    # shardings: any implicit transfer here is a bug (a numpy leaf, a resharding
+    # copy), so it fails instead of silently costing a host round trip per step.
+    with jax.transfer_guard("disallow"):
+      return self._jitted(state, batch)
 
 
 def to_global_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:

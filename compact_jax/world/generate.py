@@ -6,6 +6,8 @@ Writes under ``WORKDIR/generate/``:
 - ``{split}.jsonl``: one LLaVA/COMPACT record per image (2-3 question turns, all
   with the image's k; human turns carry ``capability``, ``k``, ``qtype`` and
   ``heldout``; only the first carries ``<image>\\n`` and the answer suffix);
+- ``captions.jsonl``: one dense-caption record per train image
+  (``world/caption.py``), the data of the caption phase ``config.pretrain``;
 - ``scenes/{split}.jsonl``: the scene graph, the question programs and the
   sampling statistics of each image, under the same id;
 - ``summary.json``: counts per split, k, capability, qtype and answer, held-out
@@ -41,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from compact_jax import capabilities as caps_lib
+from compact_jax.world import caption as caption_lib
 from compact_jax.world import compose as compose_lib
 from compact_jax.world import questions as q_lib
 from compact_jax.world import render as render_lib
@@ -572,12 +575,14 @@ def run_generate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) 
   t0 = time.monotonic()
   for split in SPLITS:
     _generate_split(out, split, settings)
+  captions = caption_lib.write_captions(out, "train")
   splits = {split: summarize_split(out, split) for split in SPLITS}
   train_hashes = set(splits["train"].pop("_hashes"))
   test_hashes = splits["test"].pop("_hashes")
   summary = {
     "splits": splits,
     "test_train_overlap": sum(h in train_hashes for h in test_hashes),
+    "captions": str(captions.relative_to(out)),
     "seconds": round(time.monotonic() - t0, 2),
     "settings": settings.to_json(),
   }

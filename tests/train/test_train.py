@@ -28,6 +28,10 @@ def _config(workdir, **train):
     c.build.image_roots = (workdir,)
     c.build.tokenizer_vocab_size = 128
     c.data.seq_buckets = (48, 64)
+    c.train.init_from = ""
+    c.model_init.path = ""
+    c.model_init.parts = (("params/img/", "img/"), ("params/llm/", "llm/"))
+    c.train.fail_on_recompile = True
     c.train.batch_size = 8
     c.train.total_steps = 6
     c.train.warmup_steps = 1
@@ -115,7 +119,20 @@ def test_step_compiles_once_per_bucket(built):
   lengths = {b["tokens"].shape[1] for b in batches}
   mesh = mesh_lib.make_mesh(config.mesh)
   _, step = _losses(config, mesh, tok.vocab_size, batches * 2)
-  assert step.num_traces == len(lengths)
+  assert step.num_traces == len(lengths) and step.num_retraces == 0
+
+
+def test_implicit_transfers_in_the_step_fail(built):
+  """The transfer guard: a host numpy batch would be a silent copy every step."""
+  config = _config(built)
+  tok, batches = _batches(built, config, 1)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup, init_fn = state_lib.setup_state(config, vocab_size=tok.vocab_size, mesh=mesh)
+  with jax.set_mesh(mesh):
+    state = init_fn()
+    step = step_lib.TrainStep(setup, config, mesh)
+    with pytest.raises(Exception, match=r"[Dd]isallowed host-to-device transfer"):
+      step(state, {k: batches[0][k] for k in step_lib.BATCH_KEYS})
 
 
 def _final_params(workdir):
@@ -241,3 +258,77 @@ def test_model_init_loads_a_big_vision_npz_into_the_sharded_state(built, tmp_pat
   big_vision.export_npz(flat, path, {"img/": "params/img/", "llm/": "params/llm/"})
   with pytest.raises(KeyError, match="llm/final_norm/scale"):
     state_lib.load_model_init(params, setup.shardings["params"], config.model_init)
+
+
+def test_a_phase_starts_from_the_previous_phases_final_params(built, tmp_path):
+  """``init_from``: phase 2's first params are phase 1's last, not a fresh init."""
+  import shutil
+
+  workdir = str(tmp_path / "phases")
+  shutil.copytree(built, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  config = _config(workdir)
+  with config.unlocked():
+    config.pretrain.update(dict(config.train.to_dict(), split="train", total_steps=3))
+    config.train.init_from = "pretrain"
+    config.train.lr = 0.0  # no update (AdamW's decay scales with lr): params pass through
+  with pytest.raises(FileNotFoundError, match="phase 'pretrain' has not finished"):
+    loop_lib.run_train(config, workdir)
+  assert loop_lib.run_train(config, workdir, phase="pretrain").final_step == 3
+  assert os.path.isdir(loop_lib.checkpoint_dir(workdir, "pretrain"))
+  loop_lib.run_train(config, workdir)
+  _, pre, pre_meta = loop_lib.load_params(config, workdir, phase="pretrain")
+  _, post, post_meta = loop_lib.load_params(config, workdir)
+  assert (pre_meta["phase"], pre_meta["step"]) == ("pretrain", 3)
+  assert (post_meta["phase"], post_meta["step"]) == ("train", 6)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(pre), jax.device_get(post))
+  # A fresh init differs, so the equality above is the carried-over weights.
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, init_fn = state_lib.setup_state(config, vocab_size=pre_meta["vocab_size"], mesh=mesh)
+  with jax.set_mesh(mesh):
+    fresh = jax.device_get(init_fn()["params"])
+  pairs = zip(jax.tree.leaves(fresh), jax.tree.leaves(jax.device_get(pre)))
+  assert any(not np.array_equal(a, b) for a, b in pairs)
+
+
+def test_lora_phase_trains_adapters_and_connector_only(built, tmp_path):
+  """LLaVA-1.5 stage 2 groups: frozen towers stay bit-identical and carry no optimizer
+  state; adapters and connector move."""
+  import shutil
+
+  from configs import base
+
+  workdir = str(tmp_path / "lora")
+  shutil.copytree(built, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  groups = (
+    (base.LORA_TRAINABLE, 1.0),
+    ("connector/.*", 0.1),
+    (r"(img|llm)/" + base.NOT_LORA, None),
+  )
+  config = _config(workdir, param_groups=groups, total_steps=3, ckpt_every_steps=3)
+  with config.unlocked():
+    config.model.lora.targets = (r"llm/layers[^/]*/attn/(q|kv)_einsum/w$",)
+  tok = build_lib.load_tokenizer(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  setup, init_fn = state_lib.setup_state(config, vocab_size=tok.vocab_size, mesh=mesh)
+  with jax.set_mesh(mesh):
+    before = mesh_lib.path_names(jax.device_get(init_fn()["params"]))
+  lora = sorted(k for k in before if "_lora_" in k)
+  assert lora and set(setup.group_members["g0"]) == set(lora)
+  # Adam keeps mu and nu for trainable params only (plus scalar counts).
+  opt_sizes = sum(x.size for x in jax.tree.leaves(setup.abstract["opt_state"]) if x.ndim)
+  assert opt_sizes == 2 * setup.num_trainable
+  assert setup.num_trainable == sum(
+    before[k].size for k in before if "_lora_" in k or k.startswith("connector/")
+  )
+
+  loop_lib.run_train(config, workdir)
+  _, after, _ = loop_lib.load_params(config, workdir)
+  after = mesh_lib.path_names(jax.device_get(after))
+  for k, v in before.items():
+    if "_lora_" in k or k.startswith("connector/"):
+      if not k.endswith("_lora_a"):  # A gets a gradient only once B is non-zero
+        assert not np.array_equal(v, after[k]), f"{k} did not train"
+    else:
+      np.testing.assert_array_equal(v, after[k], err_msg=f"frozen {k} changed")

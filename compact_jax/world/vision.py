@@ -1,0 +1,262 @@
+"""The ``vision`` stage: pretrain the tiny world's vision tower on dense cell labels.
+
+A real COMPACT run starts from a pretrained SigLIP tower; a tiny-world model starts
+from random weights, and through the language model alone its vision tower learns
+only what covers the whole picture (ground, counts) within the run's budget: the
+decoder must learn where to look before the tower gets any signal about what a
+sprite, letter or motion cue looks like. This stage is the tiny world's stand-in for
+SigLIP's pretraining: the tower (the same ``img/...`` parameters the VLM uses) is
+trained to name, for every cell of every *train* image, its ground and its object's
+colour, kind, letter and motion (an "empty" class when there is none), from the scene
+graphs the generate stage wrote. That is a dense captioning objective with one small
+linear head per attribute, cheap because no language model runs.
+
+Nothing here touches questions or answers, and test images are never read for
+training (they are only used to report how well the tower sees). Only the tower's
+parameters are kept: ``WORKDIR/vision/img.npz`` in big_vision layout
+(``params/img/...``), which the train phase loads through ``config.model_init``;
+the heads are dropped.
+
+Writes ``WORKDIR/vision/``: ``img.npz``, ``report.json`` (per-attribute accuracy on
+the test images' cells; written last, it marks the stage finished) and
+``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from compact_jax.data import image as image_lib
+from compact_jax.world import scene as scene_lib
+
+REPORT_FILE = "report.json"
+NPZ_FILE = "img.npz"
+# attribute -> its classes; index 0 of every object attribute means "no object / none".
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+  "ground": scene_lib.GROUNDS,
+  "color": ("none", *scene_lib.COLORS),
+  "kind": ("none", *scene_lib.KINDS),
+  "letter": ("none", *scene_lib.LETTERS),
+  "motion": ("none", *scene_lib.DIRECTIONS),
+}
+
+
+def vision_dir(workdir: str | os.PathLike) -> Path:
+  return Path(workdir) / "vision"
+
+
+def cell_labels(scene: scene_lib.Scene) -> np.ndarray:
+  """int32[G * G, 5]: per cell (row-major) the class index of each of ATTRIBUTES."""
+  g = scene.grid_size
+  out = np.zeros((g * g, len(ATTRIBUTES)), np.int32)
+  for r in range(g):
+    for c in range(g):
+      out[r * g + c, 0] = ATTRIBUTES["ground"].index(scene.ground_at(r, c))
+  for o in scene.objects:
+    cell = out[o.row * g + o.col]
+    cell[1] = ATTRIBUTES["color"].index(o.color)
+    cell[2] = ATTRIBUTES["kind"].index(o.kind)
+    cell[3] = ATTRIBUTES["letter"].index(o.letter or "none")
+    cell[4] = ATTRIBUTES["motion"].index(o.motion or "none")
+  return out
+
+
+def patch_cells(grid_size: int, image_size: int, patch: int) -> np.ndarray:
+  """int32[N]: the grid cell (row-major) under each patch of the tower.
+
+  Raises unless patches tile cells exactly (a patch straddling two cells has no
+  single label).
+  """
+  cell = image_size / grid_size
+  side = image_size // patch
+  if side * patch != image_size or (cell % patch and patch % cell):
+    raise ValueError(
+      f"vision: {patch}px patches do not tile a {grid_size}x{grid_size} grid of "
+      f"{image_size}px images (cells are {cell:g}px)"
+    )
+  centers = (np.arange(side) + 0.5) * patch
+  rows = (centers // cell).astype(np.int32)
+  return (rows[:, None] * grid_size + rows[None, :]).reshape(-1)
+
+
+def load_split(generate_dir: Path, split: str, image_size: int, limit: int = -1):
+  """(images float32[n, S, S, 3], labels int32[n, G*G, 5], grid_size) of a split."""
+  images, labels, grid = [], [], None
+  path = generate_dir / "scenes" / f"{split}.jsonl"
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if 0 <= limit < n:
+        break
+      d = json.loads(line)
+      scene = scene_lib.Scene.from_json(d["scene"], where=f"{path}:{n}")
+      grid = scene.grid_size
+      image_path = generate_dir / "images" / split / f"{d['id']}.png"
+      images.append(
+        image_lib.preprocess_image(image_path.read_bytes(), image_size, where=str(image_path))
+      )
+      labels.append(cell_labels(scene))
+  if not images:
+    raise ValueError(f"vision: no scenes in {path}")
+  return np.stack(images), np.stack(labels), grid
+
+
+class CellProbe(nnx.Module):
+  """The VLM's vision tower plus one linear head per attribute on every patch token."""
+
+  def __init__(self, tower: nnx.Module, width: int, *, rngs: nnx.Rngs):
+    self.img = tower
+    self.heads = nnx.Linear(width, sum(len(v) for v in ATTRIBUTES.values()), rngs=rngs)
+
+  def __call__(self, image: jax.Array) -> list[jax.Array]:
+    """float32[B, S, S, 3] -> per attribute float32[B, N, classes] logits."""
+    z, _ = self.img(image)
+    logits = self.heads(z)
+    sizes = np.cumsum([len(v) for v in ATTRIBUTES.values()])[:-1]
+    return jnp.split(logits, sizes, axis=-1)
+
+
+def _loss(model: CellProbe, image, labels):
+  return sum(
+    optax.softmax_cross_entropy_with_integer_labels(lg, labels[..., a]).mean()
+    for a, lg in enumerate(model(image))
+  )
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def _train_step(model: CellProbe, opt: nnx.Optimizer, image, labels):
+  loss, grads = nnx.value_and_grad(_loss)(model, image, labels)
+  opt.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _predict(model: CellProbe, image):
+  return jnp.stack([jnp.argmax(lg, -1) for lg in model(image)], axis=-1)
+
+
+def accuracy(model: CellProbe, images, labels, patch_to_cell, batch: int) -> dict[str, float]:
+  """Per-attribute accuracy over cells; object attributes over occupied cells only."""
+  preds = []
+  for i in range(0, len(images), batch):
+    chunk = images[i : i + batch]
+    pad = batch - len(chunk)
+    chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    preds.append(np.asarray(_predict(model, chunk))[: batch - pad])
+  pred = np.concatenate(preds)
+  truth = labels[:, patch_to_cell]
+  occupied = truth[..., 2] > 0
+  out = {}
+  for a, name in enumerate(ATTRIBUTES):
+    hit = pred[..., a] == truth[..., a]
+    out[name] = float(hit.mean() if name == "ground" else hit[occupied].mean())
+  return out
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(ATTRIBUTES)
+  fig, ax = plt.subplots(figsize=(5, 3))
+  ax.bar(names, [report["test_accuracy"][n] for n in names], color="tab:blue")
+  chance = [1 / len(ATTRIBUTES[n]) for n in names]
+  ax.plot(names, chance, "k_", markersize=20, label="chance")
+  ax.set_ylim(0, 1.02)
+  ax.set_ylabel("cell accuracy (test images)")
+  ax.set_title(f"vision tower after {report['steps']} steps")
+  ax.legend(loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+  """Pretrains ``config.model``'s vision tower on the generate stage's train scenes."""
+  from compact_jax.checkpoints import big_vision
+  from compact_jax.train import mesh as mesh_lib
+  from compact_jax.train import state as state_lib
+
+  out = vision_dir(workdir)
+  report_path = out / REPORT_FILE
+  if report_path.exists() and not config.overwrite:
+    logging.info("vision: finished already (%s); pass --overwrite to redo", report_path)
+    return json.loads(report_path.read_text())
+  out.mkdir(parents=True, exist_ok=True)
+  cfg = config.vision
+  gen = Path(workdir) / "generate"
+  size = config.data.image_size
+  x_train, y_train, grid = load_split(gen, "train", size)
+  x_test, y_test, _ = load_split(gen, "test", size, limit=cfg.eval_images)
+
+  vlm = state_lib.build_model(config.model, vocab_size=8, image_size=size, seed=config.seed)
+  tower = vlm.img
+  patch = size // round(float(np.sqrt(vlm.num_image_tokens)))
+  to_cell = patch_cells(grid, size, patch)
+  width = nnx.state(tower, nnx.Param)["embedding"]["kernel"].shape[-1]
+  model = CellProbe(tower, width, rngs=nnx.Rngs(config.seed + 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, cfg.lr, min(cfg.warmup_steps, cfg.total_steps - 1), cfg.total_steps, cfg.lr * 0.05
+  )
+  opt = nnx.Optimizer(
+    model, optax.adamw(schedule, b2=0.98, weight_decay=cfg.weight_decay), wrt=nnx.Param
+  )
+  rng = np.random.default_rng([config.seed, 7])
+  t0 = time.time()
+  loss = float("nan")
+  for step in range(1, cfg.total_steps + 1):
+    idx = rng.integers(0, len(x_train), cfg.batch_size)
+    loss = _train_step(model, opt, x_train[idx], y_train[idx][:, to_cell])
+    if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
+      loss = float(loss)
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"vision: non-finite loss at step {step}; lower vision.lr")
+      rate = step / max(time.time() - t0, 1e-9)
+      logging.info(
+        "vision step %d/%d loss %.4f  %.2f steps/s  ETA %.0fs",
+        step,
+        cfg.total_steps,
+        loss,
+        rate,
+        (cfg.total_steps - step) / rate,
+      )
+  test_acc = accuracy(model, x_test, y_test, to_cell, cfg.batch_size)
+  logging.info("vision: test cell accuracy %s", {k: round(v, 3) for k, v in test_acc.items()})
+
+  flat = {
+    k: np.asarray(v)
+    for k, v in mesh_lib.path_names(nnx.to_pure_dict(nnx.state(model.img, nnx.Param))).items()
+  }
+  npz = out / NPZ_FILE
+  big_vision.export_npz(
+    {f"img/{k}": v for k, v in flat.items()}, str(npz) + ".tmp.npz", {"img/": "params/img/"}
+  )
+  os.replace(str(npz) + ".tmp.npz", npz)
+  report = {
+    "steps": cfg.total_steps,
+    "seconds": round(time.time() - t0, 1),
+    "final_loss": float(loss),
+    "train_images": len(x_train),
+    "test_images": len(x_test),
+    "test_accuracy": test_acc,
+    "chance": {n: 1 / len(v) for n, v in ATTRIBUTES.items()},
+    "npz": str(npz),
+  }
+  _plot(report, out / "accuracy.png")
+  tmp = report_path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(report, indent=1))
+  os.replace(tmp, report_path)
+  return report
