@@ -22,12 +22,13 @@ def smoke_run(tmp_path_factory):
 
 def test_all_stages_write_their_outputs(smoke_run):
   workdir, config, results = smoke_run
-  assert list(results) == ["generate", "build", "vision", "train", "eval"]
+  assert list(results) == ["generate", "build", "vision", "pretrain", "train", "eval"]
   for rel in (
     "generate/train.jsonl",
     "generate/captions.jsonl",
     "vision/img.npz",
     "vision/accuracy.png",
+    "pretrain/metrics.jsonl",
     "generate/test.jsonl",
     "generate/summary.json",
     "build/build_report.json",
@@ -65,7 +66,7 @@ def test_rerun_skips_finished_stages(smoke_run):
     )
   }
   again = main_lib.run(config, workdir)
-  assert again["train"].skipped
+  assert again["pretrain"].skipped and again["train"].skipped
   assert again["eval"]["by_k"] == first["eval"]["by_k"]
   for rel, t in stamps.items():
     assert os.path.getmtime(os.path.join(workdir, rel)) == t, f"{rel} was rewritten"
