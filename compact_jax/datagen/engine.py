@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -131,30 +132,41 @@ class TokenBucket:
     self.stamp = time.monotonic()
     self.paused_until = 0.0
     self._lock = asyncio.Lock()
+    self._refunded = asyncio.Event()
 
   def _refill(self) -> None:
     now = time.monotonic()
     self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
     self.stamp = now
 
-  async def acquire(self, n: float = 1.0) -> None:
+  async def acquire(self, n: float = 1.0) -> float:
+    """Waits until ``n`` units are free and takes them; returns the units taken (``n``
+    capped at one burst), which is what a later `adjust` corrects."""
     async with self._lock:  # FIFO: waiters are served in arrival order
       while (wait := self.paused_until - time.monotonic()) > 0:
         await asyncio.sleep(wait)
       if self.rate <= 0:
-        return
+        return n
       n = min(n, self.capacity)  # a request larger than a burst waits for a full bucket
       self._refill()
       while self.tokens < n:
-        await asyncio.sleep((n - self.tokens) / self.rate)
+        # Wake early on a refund: estimates are pessimistic (an image's tokens are guessed),
+        # and sleeping out the whole refill would hold the rate far below the cap.
+        self._refunded.clear()
+        with contextlib.suppress(TimeoutError):
+          async with asyncio.timeout((n - self.tokens) / self.rate):
+            await self._refunded.wait()
         self._refill()
       self.tokens -= n
+      return n
 
   def adjust(self, delta: float) -> None:
     """Charges ``delta`` more units (negative refunds), once the true size is known."""
     if self.rate > 0:
       self._refill()
       self.tokens = min(self.capacity, self.tokens - delta)
+      if delta < 0:
+        self._refunded.set()
 
   def pause(self, seconds: float) -> None:
     self.paused_until = max(self.paused_until, time.monotonic() + seconds)
@@ -393,26 +405,28 @@ class Engine:
     return base / 2 + random.uniform(0, base / 2)  # "equal jitter"
 
   async def call(self, request: b.Request, st: _ImageState) -> b.Response:
-    key = cache_key(self.backend.name, self.backend.model, request, self.params)
-    if self.cache is not None and (hit := self.cache.get(key)) is not None:
-      st.usage["cached"] += 1
-      self.totals.cached += 1
-      return hit
+    key = ""
+    if self.cache is not None:  # the key hashes the whole prompt: only worth it with a cache
+      key = cache_key(self.backend.name, self.backend.model, request, self.params)
+      if (hit := self.cache.get(key)) is not None:
+        st.usage["cached"] += 1
+        self.totals.cached += 1
+        return hit
     estimate = (len(request.system) + len(request.user)) // 4 + self.s.image_token_estimate + 100
     for attempt in range(self.s.max_retries_per_request + 1):
       if self.stop_reason:
         raise BudgetExhausted(self.stop_reason)
       await self._rpm.acquire(1)
-      await self._tpm.acquire(estimate)
+      reserved = await self._tpm.acquire(estimate)
       async with self._slots:
         self._check_budget()
         self.totals.requests += 1
         st.usage["requests"] += 1
         try:
           # The SDKs time out on their own; this guards a backend that hangs anyway.
-          resp = await asyncio.wait_for(
-            self.backend.call(request), timeout=self.s.request_timeout_s * 2 + 5
-          )
+          # (`asyncio.timeout`, unlike `wait_for`, does not wrap every call in a new task.)
+          async with asyncio.timeout(self.s.request_timeout_s * 2 + 5):
+            resp = await self.backend.call(request)
         except TimeoutError:
           err = b.TransientError("timeout", "request timed out")
         except b.TransientError as e:
@@ -423,7 +437,7 @@ class Engine:
           err = None
       if err is None:
         used = resp.input_tokens + resp.output_tokens
-        self._tpm.adjust(used - estimate)
+        self._tpm.adjust(used - reserved)
         cost = self.s.cost(resp.input_tokens, resp.output_tokens)
         self.totals.input_tokens += resp.input_tokens
         self.totals.output_tokens += resp.output_tokens
@@ -434,7 +448,7 @@ class Engine:
         if self.cache is not None:
           self.cache.put(key, resp)
         return resp
-      self._tpm.adjust(-estimate)
+      self._tpm.adjust(-reserved)
       st.retries[err.reason] += 1
       total_retries = sum(st.retries.values())
       if attempt == self.s.max_retries_per_request or total_retries > self.s.max_retries_per_image:

@@ -92,6 +92,54 @@ def _filter(cap: str, scene: scene_lib.Scene, i: int, rng: Rand) -> q_lib.Filter
   raise ValueError(f"{cap!r} is not a filter capability")
 
 
+class _Facts:
+  """What `propose_program` reads of a scene, derived once per scene (`Scene.memo`); every
+  list keeps the order in which the proposal draws from it."""
+
+  def __init__(self, scene: scene_lib.Scene):
+    objs, n = scene.objects, len(scene.objects)
+    self._scene = scene
+    self._targets: dict[str, list[int]] = {}
+    self.aligned_pairs = [
+      (i, j)
+      for i in range(n)
+      for j in range(n)
+      if i != j and (objs[i].row == objs[j].row or objs[i].col == objs[j].col)
+    ]
+    self.tied_pairs = [p for a, b in scene.links for p in ((a, b), (b, a))]
+    self.untied_pairs = [
+      (i, j) for i in range(n) for j in range(n) if i != j and not scene.linked(i, j)
+    ]
+    # Per host object: the (relation, anchor) options, all anchors in index (link) order.
+    self.spatial_anchors: list[list[tuple[str, int]]] = []
+    self.tied_anchors: list[list[tuple[str, int]]] = []
+    for host, h in enumerate(objs):
+      opts = []
+      for a, o in enumerate(objs):
+        if a == host:
+          continue
+        if o.row == h.row:
+          opts.append(("left_of" if h.col < o.col else "right_of", a))
+        elif o.col == h.col:
+          opts.append(("above" if h.row < o.row else "below", a))
+      self.spatial_anchors.append(opts)
+      self.tied_anchors.append(
+        [("tied_to", b if a == host else a) for a, b in scene.links if host in (a, b)]
+      )
+
+  def targets(self, query: str) -> list[int]:
+    """The objects an attribute query can be asked about."""
+    out = self._targets.get(query)
+    if out is None:
+      s = self._scene
+      out = self._targets[query] = [
+        i
+        for i in range(len(s.objects))
+        if query == "count" or q_lib.attribute_value(query, s, i) != q_lib.UNDEFINED
+      ]
+    return out
+
+
 @dataclasses.dataclass
 class _Node:
   obj: int
@@ -124,29 +172,20 @@ def propose_program(
   rel_caps = [c for c in sorted(rest) if c in RELATION_CAPS]
   attr_caps = [c for c in sorted(rest) if c not in RELATION_CAPS]
 
+  facts = scene.memo("compose", _Facts)
   if query in q_lib.PAIR_QUERIES:
-    objs = scene.objects
     if query == "relation":  # pairs sharing a row or a column
-      pairs = [
-        (i, j)
-        for i in range(n)
-        for j in range(n)
-        if i != j and (objs[i].row == objs[j].row or objs[i].col == objs[j].col)
-      ]
+      pairs = facts.aligned_pairs
     elif rng.random() < 0.5:  # ask about tied and untied pairs equally often
-      pairs = [p for a, b in scene.links for p in ((a, b), (b, a))]
+      pairs = facts.tied_pairs
     else:
-      pairs = [(i, j) for i in range(n) for j in range(n) if i != j and not scene.linked(i, j)]
+      pairs = facts.untied_pairs
     if not pairs:
       return None
     i, j = rng.choice(pairs)
     nodes = [_Node(i, 0), _Node(j, 0)]
   else:
-    targets = [
-      i
-      for i in range(n)
-      if query == "count" or q_lib.attribute_value(query, scene, i) != q_lib.UNDEFINED
-    ]
+    targets = facts.targets(query)
     if not targets:
       return None
     nodes = [_Node(rng.choice(targets), 0)]
@@ -159,22 +198,8 @@ def propose_program(
       return None
     host = rng.choice(open_nodes)
     used = {nd.obj for nd in nodes}
-    h = scene.objects[host.obj]
-    if cap == "spatial_relationship":
-      opts = []
-      for a, o in enumerate(scene.objects):
-        if a in used:
-          continue
-        if o.row == h.row:
-          opts.append(("left_of" if h.col < o.col else "right_of", a))
-        elif o.col == h.col:
-          opts.append(("above" if h.row < o.row else "below", a))
-    else:
-      opts = [
-        ("tied_to", b if a == host.obj else a)
-        for a, b in scene.links
-        if host.obj in (a, b) and (b if a == host.obj else a) not in used
-      ]
+    anchors = facts.spatial_anchors if cap == "spatial_relationship" else facts.tied_anchors
+    opts = [opt for opt in anchors[host.obj] if opt[1] not in used]
     if not opts:
       return None
     kind, a = rng.choice(opts)

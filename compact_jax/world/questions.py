@@ -26,7 +26,7 @@ Two semantics:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from compact_jax.world import scene as scene_lib
@@ -295,22 +295,45 @@ def relation_holds(scene: scene_lib.Scene, kind: str, i: int, j: int) -> bool:
   raise ValueError(f"unknown relation {kind!r}")
 
 
+# The `Scene.column` each filter attribute reads.
+_FILTER_COLUMN = {
+  "color": "color",
+  "shape": "kind",
+  "object": "kind",
+  "letter": "letter",
+  "motion": "motion",
+  "region": "region",
+  "ground": "ground",
+}
+
+
+def _relation_pairs(kind: str) -> Callable[[scene_lib.Scene], frozenset[tuple[int, int]]]:
+  def pairs(scene: scene_lib.Scene) -> frozenset[tuple[int, int]]:
+    n = len(scene.objects)
+    return frozenset(
+      (i, j) for i in range(n) for j in range(n) if relation_holds(scene, kind, i, j)
+    )
+
+  return pairs
+
+
+_RELATION_PAIRS = {kind: _relation_pairs(kind) for kind in RELATION_CAPABILITY}
+
+
 def matches(d: Description, scene: scene_lib.Scene) -> frozenset[int]:
   """Objects fitting a description; an anchor counts if any object fits it."""
   out = range(len(scene.objects))
   for f in d.filters:
-    get, value = _FILTER_VALUE[f.attr], f.value
+    col, value = scene.column(_FILTER_COLUMN[f.attr]), f.value
     if value == ANY:
-      out = [i for i in out if get(scene, i) is not None]
+      out = [i for i in out if col[i] is not None]
     else:
-      out = [i for i in out if get(scene, i) == value]
+      out = [i for i in out if col[i] == value]
   if d.relation is not None:
     anchors = matches(d.relation.anchor, scene)
-    out = [
-      i
-      for i in out
-      if any(a != i and relation_holds(scene, d.relation.kind, i, a) for a in anchors)
-    ]
+    kind = d.relation.kind
+    holds = scene.memo("relation:" + kind, _RELATION_PAIRS[kind])
+    out = [i for i in out if any(a != i and (i, a) in holds for a in anchors)]
   return frozenset(out)
 
 

@@ -17,12 +17,14 @@ import dataclasses
 import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from compact_jax.world.rand import Rand
+
+T = TypeVar("T")
 
 # Fill colours, chosen far apart in hue and all clearly brighter than the dark
 # outline, so that the outline (and with it the form) reads the same on every fill.
@@ -115,6 +117,27 @@ class Scene:
   def linked(self, i: int, j: int) -> bool:
     return (min(i, j), max(i, j)) in self.links
 
+  def memo(self, key: str, make: Callable[[Scene], T]) -> T:
+    """``make(self)``, computed once per scene object under ``key``.
+
+    Question search reads the same derived facts (a column of attribute values, the pairs
+    in a relation) thousands of times per scene. A scene is immutable, so they are kept
+    in the instance's ``__dict__``, outside the dataclass fields: equality, hashing,
+    `dataclasses.replace` and JSON ignore them, and an edited copy starts empty.
+    """
+    memo = self.__dict__.get("_memo")
+    if memo is None:
+      memo = self.__dict__["_memo"] = {}
+    value = memo.get(key, _MISSING)
+    if value is _MISSING:
+      value = memo[key] = make(self)
+    return value
+
+  def column(self, attr: str) -> tuple:
+    """Per object, in index order: ``color``, ``kind``, ``letter``, ``motion``, ``region``
+    or ``ground`` (the ground under it); memoised."""
+    return self.memo("column:" + attr, _COLUMNS[attr])
+
   def to_json(self) -> dict[str, Any]:
     return {
       "grid_size": self.grid_size,
@@ -154,6 +177,17 @@ class Scene:
       raise ValueError(f"{where}: malformed scene ({e})") from None
     validate_scene(scene, where=where)
     return scene
+
+
+_MISSING = object()
+_COLUMNS: dict[str, Callable[[Scene], tuple]] = {
+  "color": lambda s: tuple(o.color for o in s.objects),
+  "kind": lambda s: tuple(o.kind for o in s.objects),
+  "letter": lambda s: tuple(o.letter for o in s.objects),
+  "motion": lambda s: tuple(o.motion for o in s.objects),
+  "region": lambda s: tuple(region_name(o.row, o.col, s.grid_size) for o in s.objects),
+  "ground": lambda s: tuple(s.ground_at(o.row, o.col) for o in s.objects),
+}
 
 
 def validate_scene(scene: Scene, *, where: str = "scene") -> None:

@@ -225,3 +225,31 @@ def test_bad_recipe_settings_fail_clearly():
     settings(capability_weights={"colour": 2.0})
   with pytest.raises(ValueError, match="k_values"):
     settings(k_values=(0,))
+
+
+def test_sample_capabilities_draws_like_numpy_weighted_choice():
+  """The cached-cdf draw must pick what ``Generator.choice(n, p=w / w.sum())`` picks, and
+  leave the generator in the same state (records depend on it byte for byte)."""
+
+  def reference(rng, k, used, weights):
+    pool = [c for c in caps_lib.CAPABILITIES if c not in set(used)]
+    if len(pool) < k:
+      pool = list(caps_lib.CAPABILITIES)
+    chosen = []
+    for _ in range(k):
+      w = np.array([weights.get(c, 1.0) for c in pool], dtype=np.float64)
+      chosen.append(pool.pop(int(rng.choice(len(pool), p=w / w.sum()))))
+    return caps_lib.canonical(chosen)
+
+  meta = np.random.default_rng(1)
+  for _ in range(300):
+    names = [c for c in caps_lib.CAPABILITIES if meta.random() < 0.6]
+    weights = {c: float(meta.choice([meta.random() * 10, 2.0, 1e-3, 3.7e5])) for c in names}
+    seed = int(meta.integers(1 << 40))
+    r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+    for _ in range(4):
+      k = int(meta.integers(1, 6))
+      used = list(meta.choice(caps_lib.CAPABILITIES, int(meta.integers(0, 10)), replace=False))
+      want = reference(r1, k, used, weights)
+      assert recipe.sample_capabilities(r2, k, used=used, weights=weights) == want
+    assert r1.random() == r2.random()

@@ -1,5 +1,6 @@
 """Scene records: JSON round trip, validation errors, regions, ropes, sampling."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -90,3 +91,17 @@ def test_sampled_scenes_are_valid_and_deterministic():
       others = [c for k, c in enumerate(cells) if k not in (i, j)]
       assert scene_lib.rope_is_clear(cells[i], cells[j], others)
     assert len({x for link in s.links for x in link}) == 2 * len(s.links)  # disjoint pairs
+
+
+def test_memo_is_invisible_to_equality_hashing_and_copies():
+  s = make_scene(obj(0, 0, color="red", kind="car"), obj(0, 2, color="blue", kind="circle"))
+  twin = make_scene(obj(0, 0, color="red", kind="car"), obj(0, 2, color="blue", kind="circle"))
+  h = hash(s)
+  assert s.column("color") == ("red", "blue") and s.column("kind") == ("car", "circle")
+  assert s.column("region") == tuple(s.region(i) for i in range(2))
+  calls = []
+  assert s.memo("x", lambda sc: calls.append(1) or len(sc.objects)) == 2
+  assert s.memo("x", lambda sc: calls.append(1) or 0) == 2 and calls == [1]  # computed once
+  assert s == twin and hash(s) == h == hash(twin) and s.to_json() == twin.to_json()
+  moved = dataclasses.replace(s, objects=(obj(1, 1, color="green", kind="car"),))
+  assert moved.column("color") == ("green",)  # a copy does not inherit the memo
