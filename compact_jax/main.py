@@ -36,6 +36,7 @@ def _stage_fns() -> dict[str, Callable]:
   from compact_jax.datagen.stages import run_datagen, run_merge
   from compact_jax.eval.bench_run import run_benchmarks
   from compact_jax.eval.run import run_eval
+  from compact_jax.experiments.compact_repro import run_experiment
   from compact_jax.train.loop import TRAIN_PHASES, run_train
   from compact_jax.world.generate import run_generate
   from compact_jax.world.vision import run_vision
@@ -50,6 +51,9 @@ def _stage_fns() -> dict[str, Callable]:
     "datagen": run_datagen,
     "merge": run_merge,
     "mix": run_mix,
+    # Sub-runs go through this module's `run` (importing compact_jax.main from the
+    # library would define the flags a second time when this file is __main__).
+    "experiment": functools.partial(run_experiment, run_stages=run),
   }
 
 

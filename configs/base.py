@@ -17,6 +17,9 @@ STAGES = ("generate", "build", "train", "eval")
 # param_groups patterns (fullmatched): LoRA adapters, and everything else.
 LORA_TRAINABLE = r".*_lora_[ab]"
 NOT_LORA = r".*(?<!_lora_a)(?<!_lora_b)"
+# The vision tower, and everything else (freezing a pretrained tower, as LLaVA does).
+VISION_TOWER = r"img/.*"
+NOT_VISION_TOWER = r"(?!img/).*"
 # LLaVA-1.5's short-answer instruction (COMPACT appends it to the first question).
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
@@ -47,6 +50,31 @@ def train_phase() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   # Raise (instead of logging an error) when a shape compiles twice; tests set it.
   t.fail_on_recompile = False
+  # Microbatches the global batch is split into inside the jitted step (lax.scan):
+  # activation memory drops by this factor; the loss stays the per-token mean over
+  # the whole global batch, so the update equals the unaccumulated one.
+  t.accum_steps = 1
+  # On a non-finite loss or gradient norm: "halt" raises, naming the step and the last
+  # good checkpoint; "skip" keeps params and optimizer state unchanged for that step
+  # (selected inside the jitted step) and counts skipped steps in the metrics.
+  t.nonfinite = "halt"
+  # Dense bf16 peak FLOP/s of ONE device, for the logged MFU. 0 = look the device kind
+  # up in train/flops.py PEAK_FLOPS; unknown there (e.g. CPU) -> log TFLOP/s only.
+  t.peak_flops_per_device = 0.0
+  # Besides the latest keep_checkpoints, keep the keep_best checkpoints with the best
+  # value of this metric ("" = off): a training metric averaged since the previous
+  # checkpoint ("loss", "token_accuracy") or an eval-hook metric ("eval/accuracy").
+  t.best_metric = ""
+  t.best_mode = "min"  # "min" or "max"
+  t.keep_best = 1
+  # When the phase finishes, also write <phase>/trainable_params.npz holding only the
+  # trained params (the LoRA adapters, a trained connector); resume checkpoints stay
+  # complete.
+  t.save_adapters_only = False
+  # Every this many steps (0 = off) run the eval stage's tiny-world accuracy on the
+  # first eval_examples questions of config.eval.split; metrics go to the same logs.
+  t.eval_every_steps = 0
+  t.eval_examples = 32
   return t
 
 
@@ -79,6 +107,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.world.num_train_images = 4000
   c.world.num_test_images = 600
   c.world.train_k = (1, 2, 3)
+  # Probability of each train_k value (normalised); () = uniform, as COMPACT samples
+  # k_gen. configs/experiments/compact_repro.py sets a LLaVA-like skew this way.
+  c.world.train_k_weights = ()
+  # Exact number of train questions (QA pairs), for equal-budget comparisons: train
+  # images are generated until there are this many (the last one keeps only the
+  # questions still needed) and num_train_images is ignored; 0 = off.
+  c.world.num_train_questions = 0
   c.world.test_k = (1, 2, 3, 4, 5)
   c.world.questions_per_image = (2, 3)  # inclusive range, as COMPACT
   # Capability weights when sampling a question's k capabilities (COMPACT
@@ -96,6 +131,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # COMPACT's first human turn carries LLaVA's short-answer instruction.
   c.world.answer_suffix = SHORT_ANSWER
   c.world.max_attempts_per_question = 32
+  # Scene files (relative to the workdir, e.g. another run's
+  # "../x/generate/scenes/train.jsonl") whose scenes the test split must not repeat
+  # either: arms trained on different images then share one fresh test split.
+  c.world.test_avoids_scenes = ()
   # Processes generating images (0: this one; -1: one per core). The output does
   # not depend on it.
   c.world.num_workers = -1

@@ -20,17 +20,59 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 
 class Checkpointer:
-  """Keep-N, async checkpoints of (state, data-iterator state, metadata)."""
+  """Keep-N, async checkpoints of (state, data-iterator state, metadata).
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int = 2, async_save: bool = True):
+  With ``best_metric`` the ``keep_best`` checkpoints with the best value of that
+  metric (passed to :meth:`save`) are kept as well as the ``keep`` latest: the
+  latest must survive for resume, however bad its metric.
+  """
+
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    keep: int = 2,
+    async_save: bool = True,
+    best_metric: str = "",
+    best_mode: str = "min",
+    keep_best: int = 1,
+  ):
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"Checkpointer: best_mode must be 'min' or 'max', got {best_mode!r}")
     self.directory = os.path.abspath(os.fspath(directory))
+    self.best_metric = best_metric
+    policy = None
+    best_fn = None
+    if best_metric:
+
+      def best_fn(metrics):
+        return metrics[best_metric]
+
+      policy = preservation.AnyPreservationPolicy(
+        [
+          preservation.LatestN(n=keep),
+          preservation.BestN(
+            get_metric_fn=best_fn,
+            # BestN keeps the last n of an ascending sort; reversed, the smallest.
+            reverse=best_mode == "min",
+            n=keep_best,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      )
     self._mngr = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        # The preservation policy, when given, replaces max_to_keep; best_fn
+        # still makes Orbax write each step's metrics and rank them.
+        max_to_keep=None if policy else keep,
+        preservation_policy=policy,
+        best_fn=best_fn,
+        best_mode=best_mode,
         create=True,
         # A kill mid-save leaves a tmp directory; remove it rather than read it.
         cleanup_tmp_directories=True,
@@ -41,7 +83,19 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  def save(self, step: int, state: Any, *, data: dict, meta: dict, force: bool = False) -> bool:
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    data: dict,
+    meta: dict,
+    metrics: dict[str, float] | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Queues an async save; ``metrics`` rank it for ``best_metric`` (None: recency only)."""
+    if self.best_metric and metrics is not None and self.best_metric not in metrics:
+      raise KeyError(f"Checkpoint {step}: metrics {sorted(metrics)} lack {self.best_metric!r}")
     saved = self._mngr.save(
       step,
       args=ocp.args.Composite(
@@ -49,6 +103,7 @@ class Checkpointer:
         data=ocp.args.JsonSave(data),
         meta=ocp.args.JsonSave(meta),
       ),
+      metrics=metrics if self.best_metric else None,
       force=force,
     )
     if saved:
@@ -78,10 +133,41 @@ class Checkpointer:
     )
     return out["state"], dict(out["data"]), dict(out["meta"])
 
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """Only ``state["params"]`` of ``step`` (default: latest), in ``abstract_params``'
+    shardings. The optimizer state is not read, so a reader needs neither its
+    structure (the writer's param groups) nor its memory.
+
+    Use a Checkpointer that has not saved: Orbax binds the ``state`` item to the
+    handler of the first save or restore.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}")
+    item = {"params": abstract_params}
+    out = self._mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        )
+      ),
+    )
+    return out["state"]["params"]
+
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(out["meta"])
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def best_step(self) -> int | None:
+    """The step with the best ``best_metric`` (the latest when there is none)."""
+    return self._mngr.best_step()
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

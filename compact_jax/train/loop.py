@@ -6,7 +6,11 @@ A phase is a launcher stage of the same name configured by ``config.<phase>``
 (``init_from``). It reads ``WORKDIR/build/`` (the TFDS dataset and tokenizer)
 and writes ``WORKDIR/<phase>/``:
 - ``checkpoints/<step>/`` Orbax checkpoints (state, data iterator, meta);
-- ``metrics.jsonl`` one line per log step (also TensorBoard events in ``tb/``);
+- ``metrics.jsonl`` one line per log step (also TensorBoard events in ``tb/``):
+  loss, lr per param group (``lr/<group>``), gradient/param/update norms,
+  throughput, compile count, achieved TFLOP/s and MFU (flops.py), skipped
+  steps; eval-hook lines (``eval/...``) share the file;
+- ``trainable_params.npz`` with ``save_adapters_only``: only the trained params;
 - ``data_stats.json`` what tokenization did to the split (truncation, drops);
 - ``loss.png`` the loss curve.
 
@@ -35,11 +39,18 @@ from compact_jax.data import build as build_lib
 from compact_jax.data import pipeline as pipeline_lib
 from compact_jax.data import template as template_lib
 from compact_jax.train import checkpoint as checkpoint_lib
+from compact_jax.train import flops as flops_lib
 from compact_jax.train import mesh as mesh_lib
+from compact_jax.train import optimizer as optimizer_lib
 from compact_jax.train import state as state_lib
 from compact_jax.train import step as step_lib
 
 METRICS_FILE = "metrics.jsonl"
+# Written at the end of a phase with save_adapters_only: only the trained params.
+TRAINABLE_PARAMS_FILE = "trainable_params.npz"
+# Training metrics a checkpoint records (means since the previous checkpoint), which
+# best_metric may name besides eval-hook metrics ("eval/<name>").
+CHECKPOINT_METRICS = ("loss", "token_accuracy")
 # Launcher stages that are training phases: each reads config.<phase> and writes
 # WORKDIR/<phase>/ (main.py runs them through run_train).
 TRAIN_PHASES = ("pretrain", "train")
@@ -117,11 +128,11 @@ def _init_from_phase(
         f"{step} of {src_config.train.total_steps} steps in {directory}); run that stage first"
       )
     setup, _ = state_lib.setup_state(src_config, vocab_size=vocab_size, mesh=mesh)
-    state, _, _ = ckpt.restore(setup.abstract, step)
+    params = ckpt.restore_params(setup.abstract["params"], step)
   finally:
     ckpt.close()
   logging.info("Initialised params from phase %r step %d (%s)", source, step, directory)
-  return state["params"]
+  return params
 
 
 class MetricsWriter:
@@ -183,7 +194,8 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
   import matplotlib.pyplot as plt
 
   with open(metrics_path) as f:
-    rows = [json.loads(ln) for ln in f if ln.strip()]
+    # Eval-hook lines share the file and carry no training loss.
+    rows = [r for r in map(json.loads, filter(str.strip, f)) if "loss" in r]
   if not rows:
     return
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -196,6 +208,173 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
   fig.tight_layout()
   fig.savefig(out_path, dpi=120)
   plt.close(fig)
+
+
+class TrainEvalHook:
+  """The eval stage's tiny-world accuracy on a held-out subset, during training.
+
+  Reuses ``compact_jax.eval.run`` (questions, prompt suffix, the bucketed greedy
+  ``Predictor``, exact match and the by-k table) on the first ``max_examples``
+  questions of ``config.eval.split``. The decoder compiles once; each call only
+  swaps in the current params.
+  """
+
+  def __init__(self, config, workdir: str, tokenizer, mesh, *, max_examples: int):
+    # Imported here: compact_jax.eval.run imports this module.
+    from compact_jax.data import image as image_lib
+    from compact_jax.eval import run as eval_run
+
+    self._metrics = eval_run.metrics_lib
+    source = build_lib.load_split(config, workdir, config.eval.split)
+    self.questions, rec_index = eval_run.collect_questions(source, max_examples=max_examples)
+    if not self.questions:
+      raise ValueError(f"eval hook: split {config.eval.split!r} has no question/answer pairs")
+    size = config.data.image_size
+    blank = np.zeros((size, size, 3), np.float32)
+    self.prompts = [
+      eval_run.with_suffix(q.question, config.eval.prompt_suffix) for q in self.questions
+    ]
+    self.images, self.has_image = [], []
+    for r in rec_index:
+      rec = source[r]
+      self.has_image.append(bool(rec["has_image"]))
+      self.images.append(
+        image_lib.preprocess_image(rec["image"], size, where=f"record {rec['id']!r}")
+        if rec["has_image"]
+        else blank
+      )
+    self.batch_size = config.eval.batch_size
+    self.mesh = mesh
+    self._make_predictor = lambda graphdef, params: eval_run.Predictor(
+      graphdef, params, tokenizer, template_lib.TEMPLATES[config.data.template], config, mesh
+    )
+    self._predictor = None
+
+  def __call__(self, graphdef, params) -> dict[str, float]:
+    """``accuracy`` overall and ``accuracy_k<k>`` per k, and ``n`` questions."""
+    if self._predictor is None:
+      self._predictor = self._make_predictor(graphdef, params)
+    self._predictor.params = params
+    preds = []
+    for i in range(0, len(self.prompts), self.batch_size):
+      sl = slice(i, i + self.batch_size)
+      preds += self._predictor(
+        self.prompts[sl], np.stack(self.images[sl]), np.asarray(self.has_image[sl])
+      )
+    correct = [self._metrics.exact_match(p, q.answer) for p, q in zip(preds, self.questions)]
+    table = self._metrics.accuracy_table(self.questions, correct)
+    out = {"accuracy": table["overall"]["all"]["accuracy"], "n": float(len(correct))}
+    out.update({f"accuracy_k{k}": v["accuracy"] for k, v in table["by_k"].items()})
+    return out
+
+
+def iterator_remap_message(saved_processes: int, processes: int, step: int) -> str:
+  """What a resume with another process count does to the data order (logged).
+
+  The model and optimizer state restore exactly onto any mesh; the data cannot.
+  Each host reads ``examples[host::processes]`` shuffled, and the checkpointed
+  iterator state is the number of batches taken (``next_index``, equal on every
+  host because every step takes one batch per host), so it is reused as is.
+  """
+  return (
+    f"Checkpoint step {step} was written by {saved_processes} process(es); this run has "
+    f"{processes}. Params and optimizer state restore exactly, but the data order cannot: "
+    f"each host now reads its new shard (every {processes}th example, reshuffled) from batch "
+    f"{step}, the same point of the epoch. The batches from here on differ from an "
+    f"uninterrupted {saved_processes}-process run; until this epoch ends some examples are "
+    "seen twice and others not at all; from the next epoch every example is again seen once "
+    "per epoch."
+  )
+
+
+def nonfinite_message(step: int, loss: float, grad_norm: float, last_good: int | None) -> str:
+  where = (
+    f"The last good checkpoint is step {last_good}; a rerun resumes from it."
+    if last_good is not None
+    else "No checkpoint has been written yet (the last good checkpoint: none); a rerun "
+    "starts from scratch."
+  )
+  return (
+    f"Non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}). "
+    f"{where} Lower train.lr, check the data, or set train.nonfinite='skip'."
+  )
+
+
+def peak_flops_per_device(cfg: ml_collections.ConfigDict, device_kind: str) -> float | None:
+  """``cfg.peak_flops_per_device``, else the device kind's entry in flops.PEAK_FLOPS."""
+  if cfg.peak_flops_per_device:
+    return float(cfg.peak_flops_per_device)
+  chip = flops_lib.chip_name(device_kind)
+  return flops_lib.PEAK_FLOPS[chip] if chip else None
+
+
+def flops_per_bucket(
+  config: ml_collections.ConfigDict, setup: state_lib.StateSetup, vocab_size: int
+) -> dict[int, float] | None:
+  """Model FLOPs of one train step per text-length bucket (flops.step_flops), or None
+  (logged) when the FLOP model does not know this model's parameters."""
+  shapes, trained = flops_lib.shapes_and_trainable(setup.abstract["params"], setup.trainable)
+  out = {}
+  try:
+    for length in config.data.seq_buckets:
+      out[int(length)] = flops_lib.step_flops(
+        config.model,
+        vocab_size=vocab_size,
+        image_size=config.data.image_size,
+        batch_size=config.train.batch_size,
+        seq_len=int(length),
+        shapes=shapes,
+        trainable=trained,
+      ).model
+  except ValueError as e:
+    logging.warning("No FLOP/MFU logging: %s", e)
+    return None
+  return out
+
+
+def export_trainable_params(params: Any, trainable: Any, path: str) -> list[str]:
+  """Writes only the trained params to ``path`` (npz, '/'-joined keys); returns the keys.
+
+  With LoRA these are the adapters (and anything else trained, e.g. the
+  connector): the file a user ships on top of the frozen base weights.
+  """
+  from jax.experimental import multihost_utils
+
+  names = mesh_lib.path_names(params)
+  keep = {k for k, t in mesh_lib.path_names(trainable).items() if t}
+  # process_allgather: on several hosts each holds only its shards.
+  arrays = multihost_utils.process_allgather({k: names[k] for k in sorted(keep)}, tiled=True)
+  if jax.process_index() == 0:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    os.replace(tmp, path)
+  return sorted(keep)
+
+
+def _validate_phase(cfg: ml_collections.ConfigDict, phase: str, data_devices: int) -> None:
+  if cfg.nonfinite not in step_lib.NONFINITE_MODES:
+    raise ValueError(
+      f"config.{phase}.nonfinite must be one of {step_lib.NONFINITE_MODES}: {cfg.nonfinite!r}"
+    )
+  if cfg.best_mode not in ("min", "max"):
+    raise ValueError(f"config.{phase}.best_mode must be 'min' or 'max': {cfg.best_mode!r}")
+  if cfg.best_metric and not (
+    cfg.best_metric in CHECKPOINT_METRICS or cfg.best_metric.startswith("eval/")
+  ):
+    raise ValueError(
+      f"config.{phase}.best_metric={cfg.best_metric!r}: choose from {list(CHECKPOINT_METRICS)} "
+      "or an eval-hook metric 'eval/<name>'"
+    )
+  if cfg.best_metric.startswith("eval/") and not cfg.eval_every_steps:
+    raise ValueError(
+      f"config.{phase}.best_metric={cfg.best_metric!r} is an eval metric but "
+      f"config.{phase}.eval_every_steps is 0"
+    )
+  if cfg.accum_steps < 1 or cfg.batch_size % (cfg.accum_steps * data_devices):
+    raise ValueError(
+      f"config.{phase}.batch_size {cfg.batch_size} must split into accum_steps="
+      f"{cfg.accum_steps} microbatches, each divisible by {data_devices} data-parallel devices"
+    )
 
 
 def run_train(
@@ -230,6 +409,7 @@ def run_train(
     raise ValueError(
       f"batch_size {cfg.batch_size} not divisible by {data_devices} data-parallel devices"
     )
+  _validate_phase(cfg, phase, data_devices)
   setup, init_fn = state_lib.setup_state(config, vocab_size=tokenizer.vocab_size, mesh=mesh)
   logging.info(
     "Model: %s params, %s trainable; groups %s",
@@ -237,6 +417,24 @@ def run_train(
     f"{setup.num_trainable:,}",
     {k: len(v) for k, v in setup.group_members.items()},
   )
+  logging.info(
+    "Learning-rate groups (logged as lr/<name>): %s",
+    {
+      name: cfg.param_groups[int(label[1:])][0]
+      for label, name in optimizer_lib.group_names(cfg.param_groups).items()
+    },
+  )
+  step_flops = flops_per_bucket(config, setup, tokenizer.vocab_size)
+  peak = peak_flops_per_device(cfg, mesh.devices.flat[0].device_kind)
+  if step_flops is not None:
+    logging.info(
+      "FLOPs per step by text bucket %s; MFU = model FLOPs / s / (%s FLOP/s per device x %d "
+      "devices); FLOP model: %s",
+      {k: f"{v:.3g}" for k, v in step_flops.items()},
+      f"{peak:.3g}" if peak else "unknown (set train.peak_flops_per_device)",
+      mesh.devices.size,
+      flops_lib.FORMULA,
+    )
 
   dataset = pipeline_lib.make_train_dataset(
     source,
@@ -251,7 +449,13 @@ def run_train(
     shard_count=jax.process_count(),
   )
   data_iter = pipeline_lib.make_iterator(dataset)
-  ckpt = checkpoint_lib.Checkpointer(checkpoint_dir(workdir, phase), keep=cfg.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpointer(
+    checkpoint_dir(workdir, phase),
+    keep=cfg.keep_checkpoints,
+    best_metric=cfg.best_metric,
+    best_mode=cfg.best_mode,
+    keep_best=cfg.keep_best,
+  )
   meta = {
     "phase": phase,
     "vocab_size": tokenizer.vocab_size,
@@ -260,11 +464,16 @@ def run_train(
     "image_size": config.data.image_size,
     "model": config.model.to_dict(),
     "process_count": jax.process_count(),
+    "mesh": dict(mesh.shape),
   }
   writer = MetricsWriter(out_dir)
+  eval_hook = None
+  if cfg.eval_every_steps:
+    eval_hook = TrainEvalHook(config, workdir, tokenizer, mesh, max_examples=cfg.eval_examples)
 
   latest = ckpt.latest_step()
   carried = None
+  skipped_total = 0
   if latest is None and cfg.init_from:
     # Outside set_mesh: building the source phase's abstract state resolves
     # logical axis names itself.
@@ -285,15 +494,20 @@ def run_train(
       resumed = None
     else:
       state, data_state, saved_meta = ckpt.restore(setup.abstract, latest)
-      if saved_meta.get("process_count") != jax.process_count():
-        raise ValueError(
-          f"Checkpoint {latest} was written by {saved_meta.get('process_count')} hosts; this run "
-          f"has {jax.process_count()}: the data iterator state cannot be remapped exactly"
-        )
+      saved_processes = saved_meta.get("process_count")
+      if saved_processes != jax.process_count():
+        logging.warning(iterator_remap_message(saved_processes, jax.process_count(), latest))
       pipeline_lib.restore_iterator_state(data_iter, data_state["iterator"])
+      # Checkpoints from before skip mode existed have no count.
+      skipped_total = int(data_state.get("skipped_steps", 0))
       writer.drop_after(latest)
       resumed = latest
-      logging.info("Resumed from step %d", latest)
+      logging.info(
+        "Resumed from step %d (saved on mesh %s, restored onto %s)",
+        latest,
+        saved_meta.get("mesh"),
+        dict(mesh.shape),
+      )
 
     start = int(jax.device_get(state["step"]))
     if start >= cfg.total_steps:
@@ -306,19 +520,43 @@ def run_train(
     train_step = step_lib.TrainStep(setup, config, mesh)
     image_tokens = setup.num_image_tokens
     last: dict[str, float] = {}
-    pending: tuple[int, Any] | None = None  # (step, metrics) checked one step late
-    t0, s0, tokens_since = time.time(), start, 0
+    # (step, metrics, tokens, flops) of a step, checked one step late.
+    pending: tuple[int, Any, int, float] | None = None
+    t0, s0, tokens_since, flops_since = time.time(), start, 0, 0.0
+    # Training metrics summed since the last checkpoint (for best_metric), and
+    # the latest eval-hook metrics.
+    interval: dict[str, float] = {}
+    interval_steps = 0
+    eval_metrics: dict[str, float] = {}
     preempted = PreemptionFlag()
 
-    def check_and_log(step: int, metrics: Any) -> None:
-      nonlocal last, t0, s0, tokens_since
+    def check_and_log(step: int, metrics: Any, tokens: int, flops: float) -> None:
+      nonlocal last, t0, s0, tokens_since, flops_since, skipped_total, interval_steps
+      # Counted here, not at dispatch, so a logged rate covers exactly its steps.
+      tokens_since += tokens
+      flops_since += flops
       host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not (np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])):
+      finite = np.isfinite(host["loss"]) and np.isfinite(host["grad_norm"])
+      if cfg.nonfinite == "skip":
+        if host["skipped"]:
+          skipped_total += 1
+          logging.warning(
+            "Skipped step %d: non-finite loss %s or gradient norm %s; params and optimizer "
+            "state kept (%d step(s) skipped so far)",
+            step,
+            host["loss"],
+            host["grad_norm"],
+            skipped_total,
+          )
+        host["skipped_steps"] = float(skipped_total)
+      elif not finite:
         raise FloatingPointError(
-          f"Non-finite loss or gradient at step {step} (loss={host['loss']}, grad_norm="
-          f"{host['grad_norm']}). The last good checkpoint is step {ckpt.latest_step()}; "
-          f"lower train.lr or check the data."
+          nonfinite_message(step, host["loss"], host["grad_norm"], ckpt.latest_step())
         )
+      if finite:
+        for k in ("loss", "token_accuracy"):
+          interval[k] = interval.get(k, 0.0) + host[k]
+        interval_steps += 1
       if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
         dt = max(time.time() - t0, 1e-9)
         rate = (step - s0) / dt
@@ -327,32 +565,69 @@ def run_train(
         host["tokens_per_sec"] = tokens_since / dt  # image + text tokens into the LLM
         host["compiles"] = train_step.num_traces
         host["recompiles"] = train_step.num_retraces
+        extra = ""
+        if step_flops is not None:
+          achieved = flops_since / dt
+          host["tflops_per_sec"] = achieved / 1e12
+          host["tflops_per_sec_per_device"] = achieved / 1e12 / mesh.devices.size
+          extra = f" {host['tflops_per_sec_per_device']:.3g} TFLOP/s/dev"
+          if peak:
+            host["mfu"] = achieved / (peak * mesh.devices.size)
+            extra += f" MFU {100 * host['mfu']:.1f}%"
+        lrs = " ".join(f"{k[3:]}={v:.2e}" for k, v in sorted(host.items()) if k.startswith("lr/"))
+        if cfg.nonfinite == "skip":
+          extra += f" skipped {skipped_total}"
         eta = (cfg.total_steps - step) / max(rate, 1e-9)
         logging.info(
-          "step %d/%d (%.0f%%) loss %.4f tok_acc %.3f lr %.2e |g| %.3f  %.2f steps/s "
-          "%.1f ex/s %.0f tok/s  ETA %s",
+          "step %d/%d (%.0f%%) loss %.4f tok_acc %.3f lr %s |g| %.3f  %.2f steps/s "
+          "%.1f ex/s %.0f tok/s%s compiles %d  ETA %s",
           step,
           cfg.total_steps,
           100 * step / cfg.total_steps,
           host["loss"],
           host["token_accuracy"],
-          host["lr"],
+          lrs,
           host["grad_norm"],
           rate,
           host["examples_per_sec"],
           host["tokens_per_sec"],
+          extra,
+          train_step.num_traces,
           _fmt_duration(eta),
         )
         writer.write(step, host)
-        t0, s0, tokens_since = time.time(), step, 0
+        t0, s0, tokens_since, flops_since = time.time(), step, 0, 0.0
       last = host
+
+    def run_eval_hook(step: int) -> None:
+      nonlocal t0, eval_metrics
+      t_eval = time.time()
+      eval_metrics = {f"eval/{k}": v for k, v in eval_hook(setup.graphdef, state["params"]).items()}
+      writer.write(step, eval_metrics)
+      logging.info("eval at step %d: %s", step, eval_metrics)
+      t0 += time.time() - t_eval  # eval time is not training throughput
+
+    def checkpoint_metrics() -> dict[str, float] | None:
+      nonlocal interval, interval_steps
+      out = {k: v / interval_steps for k, v in interval.items()} if interval_steps else {}
+      out.update(eval_metrics)
+      interval, interval_steps = {}, 0
+      if not cfg.best_metric:
+        return None
+      # Absent (no eval yet, or every step since the last save was skipped): this
+      # checkpoint is kept by recency only. _validate_phase vetted the name.
+      return {cfg.best_metric: out[cfg.best_metric]} if cfg.best_metric in out else None
 
     def save(step: int) -> None:
       ckpt.save(
         step,
         state,
-        data={"iterator": pipeline_lib.iterator_state_to_json(data_iter)},
+        data={
+          "iterator": pipeline_lib.iterator_state_to_json(data_iter),
+          "skipped_steps": skipped_total,
+        },
         meta=meta,
+        metrics=checkpoint_metrics(),
         force=True,
       )
 
@@ -360,9 +635,10 @@ def run_train(
     try:
       for step in range(start + 1, cfg.total_steps + 1):
         host_batch = next(data_iter)
-        tokens_since += int(host_batch["mask_input"].sum()) + image_tokens * int(
+        tokens = int(host_batch["mask_input"].sum()) + image_tokens * int(
           host_batch["has_image"].sum()
         )
+        flops = step_flops[int(host_batch["tokens"].shape[1])] if step_flops else 0.0
         traces = train_step.num_traces
         state, metrics = train_step(state, step_lib.to_global_batch(host_batch, mesh))
         if train_step.num_traces != traces:
@@ -384,16 +660,31 @@ def run_train(
         # busy while the host checks for NaN.
         if pending is not None:
           check_and_log(*pending)
-        pending = (step, metrics)
-        if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps or preempted.set:
-          check_and_log(*pending)  # never checkpoint a non-finite state
+        pending = (step, metrics, tokens, flops)
+        run_eval = eval_hook is not None and (
+          step % cfg.eval_every_steps == 0 or step == cfg.total_steps
+        )
+        if run_eval or step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps or preempted.set:
+          check_and_log(*pending)  # never evaluate or checkpoint a non-finite state
           pending = None
+          if run_eval:
+            run_eval_hook(step)
+        if step % cfg.ckpt_every_steps == 0 or step == cfg.total_steps or preempted.set:
           save(step)
           if preempted.set:
             logging.warning("SIGTERM: saved step %d and stopping; rerun to resume", step)
             break
       if pending is not None:
         check_and_log(*pending)
+      if cfg.nonfinite == "skip":
+        logging.info("%s: %d step(s) skipped for non-finite values", phase, skipped_total)
+      if cfg.save_adapters_only and step == cfg.total_steps:
+        path = os.path.join(out_dir, TRAINABLE_PARAMS_FILE)
+        keys = export_trainable_params(state["params"], setup.trainable, path)
+        logging.info("Exported the %d trained params to %s", len(keys), path)
+      if cfg.best_metric:
+        ckpt.wait()
+        logging.info("%s: best checkpoint by %s: step %s", phase, cfg.best_metric, ckpt.best_step())
     finally:
       # An exception or Ctrl-C must not lose a checkpoint that is still being
       # written in the background.
@@ -419,9 +710,11 @@ def load_params(
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   setup, _ = state_lib.setup_state(config, vocab_size=meta["vocab_size"], mesh=mesh)
   with jax.set_mesh(mesh), sharding_lib.axis_rules(config.sharding_rules):
-    state, _, meta = ckpt.restore(setup.abstract, step)
+    # Params only: the reader's param groups (hence optimizer-state layout) may
+    # differ from the writer's, e.g. an eval config on a LoRA run.
+    params = ckpt.restore_params(setup.abstract["params"], step)
   ckpt.close()
-  return setup.graphdef, state["params"], {**meta, "step": step}
+  return setup.graphdef, params, {**meta, "step": step}
 
 
 def latest_checkpoint_step(

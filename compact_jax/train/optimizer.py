@@ -54,7 +54,7 @@ def assign_groups(
       problems.append(f"pattern {pattern!r} matches no parameter (patterns are fullmatched)")
   if problems:
     raise ValueError(
-      "config.train.param_groups must match every parameter exactly once:\n  "
+      "<phase>.param_groups must match every parameter exactly once:\n  "
       + "\n  ".join(problems[:20])
       + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
     )
@@ -118,3 +118,36 @@ def trainable_mask(params: Mapping, groups: Sequence[tuple[str, float | None]]) 
   """Tree of bools: True where a parameter is trained."""
   labels, _ = assign_groups(params, groups)
   return jax.tree.map(lambda label: label != FROZEN, labels)
+
+
+def group_names(groups: Sequence[tuple[str, float | None]]) -> dict[str, str]:
+  """Label ("g<i>") -> a readable name for logs: ``g<i>`` plus the pattern's words.
+
+  ``(".*_lora_[ab]", ...)`` at index 0 is ``g0_lora_ab``; ``("connector/.*", ...)``
+  at index 1 is ``g1_connector``; ``("(?!img/).*", ...)`` at index 1 is ``g1_not_img``;
+  ``(".*", ...)`` is just ``g0``. The index keeps
+  names unique; frozen groups are left out (they have no learning rate).
+  """
+  out = {}
+  for i, (pattern, mult) in enumerate(groups):
+    if mult is None:
+      continue
+    # A negative lookaround names what the group is *not*: "(?!img/).*" is "not_img".
+    readable = re.sub(r"\(\?<?!([^)]*)\)", r" not \1 ", pattern.replace("[ab]", "ab"))
+    words = "_".join(re.findall(r"[A-Za-z0-9]+", readable))
+    out[f"g{i}"] = f"g{i}_{words}" if words else f"g{i}"
+  return out
+
+
+def group_schedules(cfg: ml_collections.ConfigDict) -> dict[str, optax.Schedule]:
+  """Readable group name (``group_names``) -> that group's learning-rate schedule.
+
+  These are the schedules ``make_optimizer`` gives each trainable group, so the
+  logged value is the rate its AdamW applied.
+  """
+  names = group_names(cfg.param_groups)
+  return {
+    names[f"g{i}"]: make_schedule(cfg, cfg.lr * mult)
+    for i, (_, mult) in enumerate(cfg.param_groups)
+    if mult is not None
+  }

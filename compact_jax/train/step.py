@@ -13,10 +13,44 @@ from jax.sharding import PartitionSpec as P
 
 from compact_jax import sharding as sharding_lib
 from compact_jax.train import mesh as mesh_lib
+from compact_jax.train import optimizer as optimizer_lib
 from compact_jax.train.state import StateSetup, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("image", "has_image", "tokens", "mask_ar", "mask_loss", "mask_input")
+
+
+def answer_weights(batch: Batch) -> jax.Array:
+  """float32[B, T - 1]: 1 where ``tokens[:, t + 1]`` is a (non-padding) answer token."""
+  return (batch["mask_loss"][:, 1:] * batch["mask_input"][:, 1:]).astype(jnp.float32)
+
+
+def token_loss_sums(
+  logits: jax.Array, batch: Batch, *, label_smoothing: float = 0.0
+) -> dict[str, jax.Array]:
+  """Sums over answer tokens, which microbatches and devices can add up.
+
+  Args:
+    logits: float32[B, T, V]; the logit at t predicts ``tokens[:, t + 1]``.
+    batch: needs ``tokens`` int32[B, T], ``mask_loss`` int32[B, T] and
+      ``mask_input`` bool[B, T].
+    label_smoothing: optax-style smoothing.
+
+  Returns:
+    float32 scalars ``nll`` (summed cross-entropy), ``n_tokens`` and ``n_correct``.
+  """
+  targets = batch["tokens"][:, 1:]
+  weights = answer_weights(batch)
+  logits = logits[:, :-1].astype(jnp.float32)
+  vocab = logits.shape[-1]
+  labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
+  nll = optax.softmax_cross_entropy(logits, labels)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return {
+    "nll": (nll * weights).sum(),
+    "n_tokens": weights.sum(),
+    "n_correct": (correct * weights).sum(),
+  }
 
 
 def next_token_loss(
@@ -26,8 +60,7 @@ def next_token_loss(
 
   Args:
     logits: float32[B, T, V]; the logit at t predicts ``tokens[:, t + 1]``.
-    batch: needs ``tokens`` int32[B, T], ``mask_loss`` int32[B, T] and
-      ``mask_input`` bool[B, T].
+    batch: as for :func:`token_loss_sums`.
     label_smoothing: optax-style smoothing.
 
   Returns:
@@ -35,48 +68,137 @@ def next_token_loss(
     every answer token weighs the same however the batch is split over
     devices; aux has the token count and token accuracy.
   """
-  targets = batch["tokens"][:, 1:]
-  weights = (batch["mask_loss"][:, 1:] * batch["mask_input"][:, 1:]).astype(jnp.float32)
-  logits = logits[:, :-1].astype(jnp.float32)
-  vocab = logits.shape[-1]
-  labels = optax.smooth_labels(jax.nn.one_hot(targets, vocab), label_smoothing)
-  nll = optax.softmax_cross_entropy(logits, labels)
-  n_tokens = weights.sum()
-  loss = (nll * weights).sum() / jnp.maximum(n_tokens, 1.0)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  accuracy = (correct * weights).sum() / jnp.maximum(n_tokens, 1.0)
-  return loss, {"n_tokens": n_tokens, "token_accuracy": accuracy}
+  sums = token_loss_sums(logits, batch, label_smoothing=label_smoothing)
+  denom = jnp.maximum(sums["n_tokens"], 1.0)
+  return sums["nll"] / denom, {
+    "n_tokens": sums["n_tokens"],
+    "token_accuracy": sums["n_correct"] / denom,
+  }
+
+
+def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
+  """``[B, ...]`` -> ``[accum_steps, B / accum_steps, ...]``, microbatch m = rows
+  ``m, m + accum_steps, m + 2 * accum_steps, ...``.
+
+  Strided rather than contiguous: a device holding a contiguous block of the
+  data-sharded batch then holds an equal share of every microbatch, so the
+  split moves no data between devices.
+  """
+
+  def split(x):
+    b = x.shape[0]
+    if b % accum_steps:
+      raise ValueError(f"accum_steps={accum_steps} does not divide the batch of {b}")
+    x = x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    return sharding_lib.constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+  return {k: split(v) for k, v in batch.items()}
+
+
+NONFINITE_MODES = ("halt", "skip")
+
+
+def make_loss_and_grads(
+  setup: StateSetup, config
+) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
+  """``(params, batch) -> (grads, sums)``: the step's gradient computation.
+
+  ``grads`` is the gradient of the per-token mean loss over the whole global
+  batch (zeros for frozen params); ``sums`` has ``nll``, ``n_tokens`` and
+  ``n_correct`` summed over it. ``config.train.accum_steps`` > 1 scans over
+  that many microbatches and sums their gradients; every microbatch's loss is
+  divided by the token count of the whole global batch, so the sum is exactly
+  the per-token mean's gradient.
+  """
+  graphdef, trainable = setup.graphdef, setup.trainable
+  smoothing = config.train.label_smoothing
+  accum = int(config.train.accum_steps)
+  if accum < 1:
+    raise ValueError(f"config.train.accum_steps must be >= 1, got {accum}")
+
+  def loss_fn(params, batch, denom):
+    model = merge_model(graphdef, params)
+    logits, _ = model(
+      batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
+    )
+    sums = token_loss_sums(logits, batch, label_smoothing=smoothing)
+    return sums["nll"] / denom, sums
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def loss_and_grads(params, batch):
+    # The global batch's answer-token count, known before any microbatch runs.
+    denom = jnp.maximum(answer_weights(batch).sum(), 1.0)
+    if accum == 1:
+      grads, sums = grad_fn(params, batch, denom)
+      # Frozen parameters' gradients are replaced by constants, so XLA drops
+      # their computation and no statistic (clipping norm included) sees them.
+      return jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable), sums
+
+    def body(carry, micro):
+      acc, sums = carry
+      g, s = grad_fn(params, micro, denom)
+      acc = jax.tree.map(lambda a, g, t: a + g if t else a, acc, g, trainable)
+      return (acc, jax.tree.map(jnp.add, sums, s)), None
+
+    # Frozen leaves carry a scalar, not a parameter-sized zero buffer.
+    acc0 = jax.tree.map(
+      lambda p, t: jnp.zeros_like(p) if t else jnp.zeros((), p.dtype), params, trainable
+    )
+    sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll", "n_tokens", "n_correct")}
+    (acc, sums), _ = jax.lax.scan(body, (acc0, sums0), split_microbatches(batch, accum))
+    grads = jax.tree.map(lambda a, p, t: a if t else jnp.zeros_like(p), acc, params, trainable)
+    return grads, sums
+
+  return loss_and_grads
 
 
 def make_train_step(
   setup: StateSetup, config
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """The pure step ``(state, batch) -> (state, metrics)`` (not yet jitted)."""
-  graphdef, tx, trainable = setup.graphdef, setup.tx, setup.trainable
-  smoothing = config.train.label_smoothing
+  """The pure step ``(state, batch) -> (state, metrics)`` (not yet jitted).
 
-  def loss_fn(params, batch):
-    model = merge_model(graphdef, params)
-    logits, _ = model(
-      batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
-    )
-    return next_token_loss(logits, batch, label_smoothing=smoothing)
+  Gradients come from :func:`make_loss_and_grads` (with accumulation when
+  ``config.train.accum_steps`` > 1). With ``config.train.nonfinite == "skip"``
+  a step whose loss or gradient norm is not finite keeps the old params and
+  optimizer state (a select, so the device never waits for the host) and
+  reports ``skipped`` = 1.
+  """
+  tx = setup.tx
+  cfg = config.train
+  if cfg.nonfinite not in NONFINITE_MODES:
+    raise ValueError(f"config.train.nonfinite must be one of {NONFINITE_MODES}: {cfg.nonfinite!r}")
+  skip_nonfinite = cfg.nonfinite == "skip"
+  group_lrs = optimizer_lib.group_schedules(cfg)
+  loss_and_grads = make_loss_and_grads(setup, config)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-    # Frozen parameters' gradients are replaced by constants, so XLA drops
-    # their computation and no statistic (clipping norm included) sees them.
-    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+    grads, sums = loss_and_grads(state["params"], batch)
+    denom = jnp.maximum(sums["n_tokens"], 1.0)
+    loss = sums["nll"] / denom
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {
       "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(params),
       "update_norm": optax.tree.norm(updates),
       "lr": setup.schedule(state["step"]),
-      **aux,
+      "n_tokens": sums["n_tokens"],
+      "token_accuracy": sums["n_correct"] / denom,
+      **{f"lr/{name}": sched(state["step"]) for name, sched in group_lrs.items()},
     }
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+      def keep_if_bad(new, old):
+        return jnp.where(finite, new, old)
+
+      params = jax.tree.map(keep_if_bad, params, state["params"])
+      opt_state = jax.tree.map(keep_if_bad, opt_state, state["opt_state"])
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+      metrics["param_norm"] = optax.tree.norm(params)
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return step

@@ -16,10 +16,17 @@ Writes under ``WORKDIR/generate/``:
   match them).
 
 Image i of a split depends only on ``np.random.default_rng([seed, split_code, i])``
-(and, for test, on the set of train scenes it must not repeat), so a run can stop
-anywhere and resume: complete lines are kept, a torn last line is dropped, and
-generation continues at the next index, giving the same bytes as a run that never
-stopped. Train is generated before test.
+(and, for test, on the set of train scenes it must not repeat: this run's and those
+of ``world.test_avoids_scenes``), so a run can stop anywhere and resume: complete
+lines are kept, a torn last line is dropped, and generation continues at the next
+index, giving the same bytes as a run that never stopped. Train is generated before
+test.
+
+Equal-budget comparisons (``configs/experiments/compact_repro.py``) set
+``world.train_k_weights`` (how train images' k is drawn; () keeps the uniform draw
+and its exact bytes) and ``world.num_train_questions`` (exactly that many train
+questions: images are added until the count is reached and the last one keeps only
+the questions still needed).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -77,6 +85,10 @@ class WorldSettings:
   max_distractors: int
   num_images: dict[str, int]
   train_k: tuple[int, ...]
+  # Probabilities of train_k's values (normalised); () = uniform.
+  train_k_weights: tuple[float, ...]
+  # Exact number of train questions (0: num_images["train"] images instead).
+  num_train_questions: int
   test_k: tuple[int, ...]
   questions_per_image: tuple[int, int]
   capability_weights: dict[str, float]
@@ -84,6 +96,8 @@ class WorldSettings:
   heldout_test_rate: float
   answer_suffix: str
   max_attempts_per_question: int
+  # Scene files (relative to the workdir) whose scenes test must not repeat either.
+  test_avoids_scenes: tuple[str, ...]
   num_workers: int
 
   @classmethod
@@ -106,6 +120,20 @@ class WorldSettings:
       ks = tuple(getattr(w, key))
       if not ks or any(not 1 <= k <= len(caps_lib.CAPABILITIES) for k in ks):
         raise ValueError(f"config.world.{key} must hold values in 1..10, got {ks}")
+    train_k_weights = tuple(float(v) for v in w.train_k_weights)
+    if train_k_weights and (
+      len(train_k_weights) != len(w.train_k)
+      or any(not v >= 0 for v in train_k_weights)
+      or sum(train_k_weights) <= 0
+    ):
+      raise ValueError(
+        "config.world.train_k_weights must be () or one non-negative weight per "
+        f"config.world.train_k value {tuple(w.train_k)}, not all zero; got {train_k_weights}"
+      )
+    if w.num_train_questions < 0:
+      raise ValueError(
+        f"config.world.num_train_questions must be >= 0 (0 = off), got {w.num_train_questions}"
+      )
     render_lib.cell_geometry(w.image_size, w.grid_size)  # fails on undrawable sizes
     cells = (3 * w.grid_size * w.grid_size) // 4
     if not 1 <= w.min_objects <= w.max_objects <= cells or w.max_distractors < 0:
@@ -120,8 +148,14 @@ class WorldSettings:
       min_objects=int(w.min_objects),
       max_objects=int(w.max_objects),
       max_distractors=int(w.max_distractors),
-      num_images={"train": int(w.num_train_images), "test": int(w.num_test_images)},
+      # With num_train_questions the image count follows from it (0 here: not a setting).
+      num_images={
+        "train": 0 if w.num_train_questions else int(w.num_train_images),
+        "test": int(w.num_test_images),
+      },
       train_k=tuple(int(k) for k in w.train_k),
+      train_k_weights=tuple(v / sum(train_k_weights) for v in train_k_weights),
+      num_train_questions=int(w.num_train_questions),
       test_k=tuple(int(k) for k in w.test_k),
       questions_per_image=(lo, hi),
       capability_weights=weights,
@@ -129,6 +163,7 @@ class WorldSettings:
       heldout_test_rate=float(w.heldout_test_rate),
       answer_suffix=str(w.answer_suffix),
       max_attempts_per_question=int(w.max_attempts_per_question),
+      test_avoids_scenes=tuple(str(p) for p in w.test_avoids_scenes),
       num_workers=int(w.num_workers),
     )
 
@@ -136,6 +171,12 @@ class WorldSettings:
     """The settings that determine the output (not how many processes made it)."""
     d = json.loads(json.dumps(dataclasses.asdict(self)))
     del d["num_workers"]
+    # Keys added later are left out at their defaults, so that settings.json (and
+    # resuming a partial run) stays as it was for configs that do not use them.
+    for key, off in (("train_k_weights", []), ("num_train_questions", 0),
+                     ("test_avoids_scenes", [])):  # fmt: skip
+      if d[key] == off:
+        del d[key]
     return d
 
 
@@ -230,7 +271,10 @@ def generate_example(
 ) -> Example:
   """Image ``index`` of ``split``: a deterministic function of its arguments."""
   root = np.random.default_rng([s.seed, SPLIT_CODES[split], index])
-  k = int(root.choice(s.train_k if split == "train" else s.test_k))
+  if split == "train" and s.train_k_weights:
+    k = int(root.choice(s.train_k, p=s.train_k_weights))
+  else:  # the uniform draw stays a separate call: its stream is what old runs made
+    k = int(root.choice(s.train_k if split == "train" else s.test_k))
   rng = Rand.spawn(root)
   stats: collections.Counter = collections.Counter()
   lo, _ = s.questions_per_image
@@ -333,13 +377,26 @@ def _resume_point(out: Path, split: str) -> int:
   return n
 
 
-def _train_hashes(out: Path) -> frozenset[str]:
-  path = out / "scenes" / "train.jsonl"
+def _scene_hashes(path: Path) -> set[str]:
   hashes = set()
   for n, line in enumerate(_complete_lines(path)):
     d = json.loads(line)
     scene = scene_lib.Scene.from_json(d["scene"], where=f"{path}:{n + 1} ({d.get('id')})")
     hashes.add(scene_lib.scene_hash(scene))
+  return hashes
+
+
+def _train_hashes(out: Path, s: WorldSettings) -> frozenset[str]:
+  """Scenes test must not repeat: this run's train scenes and ``test_avoids_scenes``'."""
+  hashes = _scene_hashes(out / "scenes" / "train.jsonl")
+  for rel in s.test_avoids_scenes:
+    path = out.parent / rel  # out is WORKDIR/generate
+    if not path.is_file():
+      raise FileNotFoundError(
+        f"config.world.test_avoids_scenes names {rel!r}, but {path} does not exist: generate "
+        "those train scenes first"
+      )
+    hashes |= _scene_hashes(path)
   return frozenset(hashes)
 
 
@@ -388,38 +445,80 @@ def _encoded_examples(
     yield from pool.map(_encoded_example, indices, chunksize=4)
 
 
+def _question_count(line: bytes) -> int:
+  return len(json.loads(line)["conversations"]) // 2
+
+
+def _trimmed(scene_line: str, record_line: str, n_questions: int) -> tuple[str, str]:
+  """The lines of an image keeping only its first ``n_questions`` questions.
+
+  The scene keeps any distractors planted for the dropped ones: every kept question
+  was verified on the final scene, so it stays exact.
+  """
+  scene, record = json.loads(scene_line), json.loads(record_line)
+  scene["questions"] = scene["questions"][:n_questions]
+  record["conversations"] = record["conversations"][: 2 * n_questions]
+  dump = functools.partial(json.dumps, separators=(",", ":"))
+  return dump(scene), dump(record)
+
+
 def _generate_split(out: Path, split: str, s: WorldSettings) -> None:
-  total = s.num_images[split]
+  """Appends images of ``split`` until it has its images (or, with
+  ``num_train_questions``, its train questions: the last image keeps only as many
+  questions as are still needed)."""
+  by_questions = split == "train" and s.num_train_questions > 0
   start = _resume_point(out, split)
-  if start >= total:
+  want = s.num_train_questions if by_questions else s.num_images[split]
+  have = start
+  if by_questions:
+    have = sum(map(_question_count, _complete_lines(out / f"{split}.jsonl")))
+    if have > want:
+      raise ValueError(
+        f"{out / split}.jsonl holds {have} questions, more than num_train_questions={want}"
+      )
+  if have >= want:
     return
-  train_hashes = _train_hashes(out) if split != "train" else frozenset()
+  train_hashes = _train_hashes(out, s) if split != "train" else frozenset()
   (out / "images" / split).mkdir(parents=True, exist_ok=True)
   if start:
-    logging.info("generate %s: resuming at image %d of %d", split, start, total)
+    logging.info("generate %s: resuming at image %d (%d of %d)", split, start, have, want)
+  unit = "questions" if by_questions else "images"
   t0 = last = time.monotonic()
+  have0 = have
+  index = start
   with (
     open(out / f"{split}.jsonl", "a", encoding="utf-8") as rec_f,
     open(out / "scenes" / f"{split}.jsonl", "a", encoding="utf-8") as scene_f,
   ):
-    examples = _encoded_examples(s, split, range(start, total), train_hashes)
-    for index, (image, scene_line, record_line, png) in enumerate(examples, start):
-      # Image first, then scene, then record: a record line implies both exist.
-      _save_bytes(out / image, png)
-      scene_f.write(scene_line + "\n")
-      scene_f.flush()
-      rec_f.write(record_line + "\n")
-      rec_f.flush()
-      now = time.monotonic()
-      if now - last >= PROGRESS_EVERY_SECONDS or index + 1 == total:
-        done = index + 1 - start
-        rate = done / max(now - t0, 1e-9)
-        print(
-          f"generate {split}: {index + 1}/{total} images, {rate:.0f} img/s, "
-          f"ETA {(total - index - 1) / max(rate, 1e-9):.0f}s",
-          flush=True,
-        )
-        last = now
+    while have < want:
+      # Each image holds at most questions_per_image[1] questions, so a batch this
+      # size cannot overshoot by more than one image (whose questions are trimmed).
+      batch = -(-(want - have) // s.questions_per_image[1]) if by_questions else want - have
+      examples = _encoded_examples(s, split, range(index, index + batch), train_hashes)
+      for image, scene_line, record_line, png in examples:
+        n = _question_count(record_line) if by_questions else 1
+        if have + n > want:
+          scene_line, record_line = _trimmed(scene_line, record_line, want - have)
+          n = want - have
+        # Image first, then scene, then record: a record line implies both exist.
+        _save_bytes(out / image, png)
+        scene_f.write(scene_line + "\n")
+        scene_f.flush()
+        rec_f.write(record_line + "\n")
+        rec_f.flush()
+        have += n
+        index += 1
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_SECONDS or have >= want:
+          rate = (have - have0) / max(now - t0, 1e-9)
+          print(
+            f"generate {split}: {have}/{want} {unit} ({index} images), {rate:.0f} {unit}/s, "
+            f"ETA {(want - have) / max(rate, 1e-9):.0f}s",
+            flush=True,
+          )
+          last = now
+        if have >= want:
+          break
 
 
 # --- summary ----------------------------------------------------------------------

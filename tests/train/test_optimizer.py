@@ -80,3 +80,22 @@ def test_weight_decay_skips_norms_and_vectors():
   assert float(jnp.abs(updates["llm"]["final_norm"]["scale"]).sum()) == 0.0
   assert float(jnp.abs(updates["img"]["embedding"]["bias"]).sum()) == 0.0
   assert float(jnp.abs(updates["llm"]["layers"]["w"]).sum()) > 0.0
+
+
+def test_group_names_read_negative_lookarounds_as_not():
+  from configs import base
+
+  groups = [
+    (base.VISION_TOWER, None),
+    (base.NOT_VISION_TOWER, 1.0),
+    (base.LORA_TRAINABLE, 1.0),
+    ("connector/.*", 0.1),
+    (".*", 1.0),
+  ]
+  # Frozen groups have no learning rate, so no name; the index keeps names unique.
+  assert optimizer_lib.group_names(groups) == {
+    "g1": "g1_not_img",
+    "g2": "g2_lora_ab",
+    "g3": "g3_connector",
+    "g4": "g4",
+  }

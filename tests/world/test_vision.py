@@ -19,12 +19,14 @@ def test_cell_labels_of_a_hand_built_scene():
   scene = make_scene(
     obj(0, 1, "orange", "square", motion="up"),
     obj(3, 2, "blue", "fish", letter="k"),
+    obj(3, 0, "red", "circle"),
+    links=((1, 2),),
     ground="grass",
     patch=(2, 0, 2, 2),
     patch_ground="snow",
   )
   got = vision.cell_labels(scene)
-  assert got.shape == (16, 5)
+  assert got.shape == (16, 6)
   grass, snow = (
     vision.ATTRIBUTES["ground"].index("grass"),
     vision.ATTRIBUTES["ground"].index("snow"),
@@ -37,14 +39,24 @@ def test_cell_labels_of_a_hand_built_scene():
     vision.ATTRIBUTES["kind"].index("square"),
     0,
     vision.ATTRIBUTES["motion"].index("up"),
+    vision.ATTRIBUTES["rope"].index("free"),
   ]
   assert got[14, 1:].tolist() == [
     vision.ATTRIBUTES["color"].index("blue"),
     vision.ATTRIBUTES["kind"].index("fish"),
     vision.ATTRIBUTES["letter"].index("k"),
     0,
+    vision.ATTRIBUTES["rope"].index("tied"),
   ]
-  assert not np.delete(got[:, 1:], [1, 14], axis=0).any()
+  # Objects are stored row-major: (3, 0) is object 1, tied to (3, 2), object 2.
+  assert got[12, 1:].tolist() == [
+    vision.ATTRIBUTES["color"].index("red"),
+    vision.ATTRIBUTES["kind"].index("circle"),
+    0,
+    0,
+    vision.ATTRIBUTES["rope"].index("tied"),
+  ]
+  assert not np.delete(got[:, 1:], [1, 12, 14], axis=0).any()
 
 
 def test_patch_cells():
