@@ -16,20 +16,7 @@ from compact_jax.train import loop as loop_lib
 from compact_jax.train import mesh as mesh_lib
 from compact_jax.train import state as state_lib
 from compact_jax.train import step as step_lib
-from tests.train.test_train import _batches, _config, built  # noqa: F401 (fixture)
-
-
-def _run_steps(config, mesh, vocab, batches):
-  """(metrics per step, final params) of the jitted step over ``batches``."""
-  setup, init_fn = state_lib.setup_state(config, vocab_size=vocab, mesh=mesh)
-  with jax.set_mesh(mesh):
-    state = init_fn()
-    step = step_lib.TrainStep(setup, config, mesh)
-    out = []
-    for b in batches:
-      state, m = step(state, step_lib.to_global_batch(b, mesh))
-      out.append(jax.device_get(m))
-    return out, jax.device_get(state["params"]), step
+from tests.train.test_train import _batches, _config, _run_steps, built  # noqa: F401 (fixture)
 
 
 def test_accumulating_four_microbatches_equals_one_full_batch_step(built):  # noqa: F811

@@ -75,7 +75,8 @@ def _batches(workdir, config, n):
   return tok, [ds[i] for i in range(n)]
 
 
-def _losses(config, mesh, vocab, batches):
+def _run_steps(config, mesh, vocab, batches):
+  """(metrics per step, final params) of the jitted step over ``batches``, and the step."""
   setup, init_fn = state_lib.setup_state(config, vocab_size=vocab, mesh=mesh)
   with jax.set_mesh(mesh):
     state = init_fn()
@@ -83,8 +84,13 @@ def _losses(config, mesh, vocab, batches):
     out = []
     for b in batches:
       state, m = step(state, step_lib.to_global_batch(b, mesh))
-      out.append(float(m["loss"]))
-  return out, step
+      out.append(jax.device_get(m))
+    return out, jax.device_get(state["params"]), step
+
+
+def _losses(config, mesh, vocab, batches):
+  metrics, _, step = _run_steps(config, mesh, vocab, batches)
+  return [float(m["loss"]) for m in metrics], step
 
 
 @pytest.fixture(scope="module")
