@@ -83,6 +83,12 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     logging.info("=== stage %s ===", name)
     results[name] = stages[name](config, workdir)
+    if getattr(results[name], "preempted", False):
+      rest = list(config.stages)[list(config.stages).index(name) + 1 :]
+      raise runtime.Preempted(
+        f"stage {name} saved a checkpoint on SIGTERM after {time.time() - t0:.1f}s and stopped; "
+        f"not running {rest or 'anything else'}. Rerun the same command to resume."
+      )
     logging.info("=== stage %s done in %.1fs ===", name, time.time() - t0)
   return results
 
@@ -98,7 +104,13 @@ def main(argv: list[str]) -> None:
   from absl import logging as absl_logging
 
   absl_logging.set_stderrthreshold("info")
-  run(config, _WORKDIR.value)
+  from compact_jax import runtime
+
+  try:
+    run(config, _WORKDIR.value)
+  except runtime.Preempted as e:
+    # Exit 0: schedulers read a non-zero status as a failed job, not a preemption.
+    logging.warning("%s", e)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,16 @@ import os
 import jax
 
 
+class Preempted(Exception):
+  """A stage stopped early on SIGTERM after saving a checkpoint.
+
+  ``main.run`` raises it so that nothing after the preempted stage runs on a
+  partial result (an eval of a half-trained checkpoint, the next arm of an
+  experiment); the launcher turns it into exit status 0, and rerunning the same
+  command resumes from the saved step.
+  """
+
+
 def enable_compilation_cache(directory: str) -> None:
   """Persists compiled XLA programs, so reruns and resumed stages skip compiles.
 

@@ -25,11 +25,11 @@ TOTAL_STEPS = 24
 CKPT_EVERY = 4
 
 
-def _launch(workdir: str) -> subprocess.Popen:
+def _launch(workdir: str, stages: str = '("train",)') -> subprocess.Popen:
   """The launcher on the toy dataset, with test_train's smoke-sized overrides."""
   cache = os.environ.get("COMPACT_JAX_TEST_XLA_CACHE", "")
   flags = {
-    "stages": '("train",)',
+    "stages": stages,
     "data.seq_buckets": "(48,64)",
     "train.init_from": "",
     "model_init.path": "",
@@ -104,6 +104,29 @@ def test_kill_dash_9_then_rerun_continues_with_the_identical_losses(built, tmp_p
   assert [got[s] for s in after] == [expected[s] for s in after]
   # A different value at some step would mean the comparison is vacuous.
   assert len(set(expected.values())) > 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_0_and_runs_no_later_stage(built, tmp_path):  # noqa: F811
+  workdir = str(tmp_path / "term")
+  shutil.copytree(built, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  proc = _launch(workdir, stages='("train","eval")')
+  deadline = time.time() + 600
+  try:
+    while not os.path.exists(os.path.join(workdir, "train", loop_lib.METRICS_FILE)):
+      assert proc.poll() is None, f"the run ended before its first step:\n{_log(workdir)}"
+      assert time.time() < deadline, "no training step within 600 s"
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before preemption
+    assert proc.wait(timeout=120) == 0, _log(workdir)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  saved = loop_lib.latest_checkpoint_step(None, workdir)
+  assert saved is not None and saved < TOTAL_STEPS, _log(workdir)
+  assert "Rerun the same command to resume" in _log(workdir, tail=10**9)
+  assert not os.path.exists(os.path.join(workdir, "eval"))
 
 
 def test_restore_onto_another_mesh_gives_the_same_params_and_next_loss(built, tmp_path):  # noqa: F811

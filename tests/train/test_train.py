@@ -229,6 +229,36 @@ def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
   assert loop_lib.run_train(_config(workdir), workdir).resumed_from == 2
 
 
+def test_a_preempted_stage_stops_the_launcher_before_the_next_stage(built, tmp_path, monkeypatch):
+  """An eval (or an experiment's next arm) must never run on a half-trained checkpoint."""
+  import shutil
+  import signal
+
+  from compact_jax import main as main_lib
+  from compact_jax import runtime
+
+  workdir = str(tmp_path / "term")
+  shutil.copytree(built, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  real = step_lib.to_global_batch
+  calls = {"n": 0}
+
+  def preempt_at_step_2(batch, mesh):
+    calls["n"] += 1
+    if calls["n"] == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(batch, mesh)
+
+  monkeypatch.setattr(step_lib, "to_global_batch", preempt_at_step_2)
+  config = _config(workdir, ckpt_every_steps=100)
+  with config.unlocked():
+    config.stages = ("train", "eval")
+  with pytest.raises(runtime.Preempted, match=r"stage train .* not running \['eval'\]"):
+    main_lib.run(config, workdir)
+  assert loop_lib.latest_checkpoint_step(None, workdir) == 2
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+
+
 def test_model_init_loads_a_big_vision_npz_into_the_sharded_state(built, tmp_path):
   from compact_jax.checkpoints import big_vision
 
