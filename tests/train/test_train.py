@@ -105,6 +105,23 @@ def one_device_losses(built):
   return config, tok, batches, losses
 
 
+def test_bfloat16_compute_keeps_float32_master_weights(built, one_device_losses):
+  """``model.dtype="bfloat16"``: matmuls in bf16, params and updates in float32."""
+  _, tok, batches, expected = one_device_losses
+  config = _config(built)
+  with config.unlocked():
+    config.model.dtype = "bfloat16"
+  one = mesh_lib.make_mesh((("data", -1), ("fsdp", 1), ("tensor", 1)), jax.devices()[:1])
+  metrics, params, _ = _run_steps(config, one, tok.vocab_size, batches)
+  got = [float(m["loss"]) for m in metrics]
+  dtypes = {str(np.asarray(v).dtype) for v in jax.tree.leaves(params)}
+  assert dtypes == {"float32"}, dtypes
+  # bf16 has an 8-bit mantissa: close to the float32 losses, but not equal to them.
+  np.testing.assert_allclose(got, expected, rtol=3e-2)
+  assert got != expected
+  assert got[2] < got[0]
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
 def test_eight_devices_give_the_one_device_loss(one_device_losses, shape):
   """Data, FSDP and tensor parallelism change where math runs, not its result."""
