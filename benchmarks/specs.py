@@ -42,7 +42,8 @@ LORA_ALPHA = 16.0
 # peft's target_modules for LlamaForCausalLM: every linear of every decoder layer.
 PEFT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # compact_jax's LoRA targets for the same weights (llm.py parameter names; q/k/v live
-# in q_einsum and the fused kv_einsum, gate/up in the fused gating_einsum).
+# in q_einsum and the fused kv_einsum, gate/up in the fused gating_einsum, whose slices
+# get one adapter each, so the adapters and their count are peft's).
 JAX_TARGETS = (
   r"llm/layers[^/]*/attn/(q_einsum|kv_einsum|attn_vec_einsum)/w$",
   r"llm/layers[^/]*/mlp/(gating_einsum|linear)$",

@@ -6,11 +6,14 @@ This package module also holds the few pieces both towers share: the compute
 dtypes, the rematerialisation policies, and how a stack of identical layers is
 created (``stack_layers``) and run (``scan_stacked``). Both towers use them so
 that a scanned ViT and a scanned LLM behave alike (one compile of one layer,
-the same remat semantics, "layers" as the stacked logical axis).
+the same remat semantics, "layers" as the stacked logical axis), and how
+weights are read with their LoRA adapters (``weight``, ``project``; the
+adapters themselves are made by ``models.lora``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -32,17 +35,43 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """How the adapter ``<name>_lora_a``/``<name>_lora_b`` on a weight is laid out
+  (set by ``models.lora.apply_lora``; static, so it lives in the graphdef).
+
+  Attributes:
+    in_axes: the axes of one slice of the weight contracted with the activations
+      (``(1,)`` for q_einsum's ``[N, D, H]``).
+    scale: alpha / r.
+    sliced: the weight has a leading slice axis (kv_einsum's ``[2, K, D, H]``,
+      gating_einsum's ``[2, D, F]``) and each slice its own adapter,
+      ``A float32[S, I, r]``, ``B float32[S, r, O]``, as peft's separate
+      k_proj/v_proj (gate_proj/up_proj) adapters.
+  """
+
+  in_axes: tuple[int, ...]
+  scale: float
+  sliced: bool = False
+
+
+def lora_spec(module: Any, name: str) -> LoraSpec | None:
+  """The ``LoraSpec`` of ``module.<name>``'s adapter, or None without one."""
+  return getattr(module, f"{name}_lora_spec", None)
+
+
 def weight(module: Any, name: str) -> jax.Array:
-  """The value of ``module.<name>``, plus its LoRA delta when ``models.lora``
-  attached one (``<name>_lora_a``/``<name>_lora_b``). Every weight that LoRA
-  may target is read through here, so adapters need no module rewrites."""
+  """The value of ``module.<name>``, plus its LoRA delta ``scale * A @ B`` (laid
+  out like the weight) when ``models.lora`` attached an adapter. Modules whose
+  einsum is not a ``project`` call (siglip.py) read their weights here, so
+  adapters need no module rewrites; ``project`` applies adapters more cheaply."""
   w = getattr(module, name)[...]
-  a = getattr(module, f"{name}_lora_a", None)
-  if a is None:
+  spec = lora_spec(module, name)
+  if spec is None:
     return w
-  in_axes, scale = getattr(module, f"{name}_lora_spec")
+  a = getattr(module, f"{name}_lora_a")[...]
   b = getattr(module, f"{name}_lora_b")[...]
-  return w + lora_delta(a[...], b, w.shape, in_axes, scale).astype(w.dtype)
+  return w + lora_delta(a, b, w.shape, spec.in_axes, spec.scale).astype(w.dtype)
 
 
 def project(
@@ -54,40 +83,109 @@ def project(
   lora_mask: jax.Array | None = None,
   index: int | None = None,
 ) -> jax.Array:
-  """``einsum(eqn, x, W)`` with ``W = weight(module, name)`` (``[index]`` of it if given).
+  """``einsum(eqn, x, W)`` with ``W = module.<name>`` (``W[index]`` if given), plus
+  its LoRA adapter applied to the activations: ``scale * (x . A) . B``.
 
-  ``lora_mask`` bool[B, T] (partial LoRA, InternLM-XComposer2): where False the
-  token sees the base weight, without the adapter. x is float[B, T, ...].
+  The adapter never forms ``A @ B``: autodiff then differentiates two rank-r
+  einsums instead of materialising the full ``[I, O]`` weight gradient, and
+  ``lora_mask`` masks the rank-r activations ``x . A`` rather than running a
+  second full einsum. For every ``eqn`` the result equals the einsum with the
+  merged weight ``weight(module, name)``.
+
+  Args:
+    eqn: a two-operand einsum whose weight operand is W (or one slice of it).
+    x: float[B, T, ...] in ``dtype``.
+    lora_mask: bool[B, T] (partial LoRA, InternLM-XComposer2): where False the
+      token sees the base weight, without the adapter.
+    index: a slice of a fused weight (kv_einsum's k = 0, v = 1); a sliced
+      adapter (``LoraSpec.sliced``) contributes only that slice's A and B.
   """
-
-  def pick(w):
-    return (w if index is None else w[index]).astype(dtype)
-
-  y = jnp.einsum(eqn, x, pick(weight(module, name)))
-  if lora_mask is None or getattr(module, f"{name}_lora_a", None) is None:
+  w = getattr(module, name)[...]
+  if index is not None:
+    w = w[index]
+  y = jnp.einsum(eqn, x, w.astype(dtype))
+  spec = lora_spec(module, name)
+  if spec is None:
     return y
-  base = jnp.einsum(eqn, x, pick(getattr(module, name)[...]))
-  m = lora_mask.reshape(lora_mask.shape + (1,) * (y.ndim - lora_mask.ndim))
-  return jnp.where(m, y, base)
+  sliced = spec.sliced
+  if index is not None and not sliced:
+    raise ValueError(
+      f"project({eqn!r}, index={index}) on {name!r}: its LoRA adapter spans every slice; "
+      "a fused weight needs an unnamed leading slice axis (see models.lora)"
+    )
+  a = getattr(module, f"{name}_lora_a")[...]
+  b = getattr(module, f"{name}_lora_b")[...]
+  if index is not None:
+    a, b, sliced = a[index], b[index], False
+  slice_shape = w.shape[1:] if sliced else w.shape
+  xa_eqn, delta_eqn = lora_einsums(eqn, spec.in_axes, sliced=sliced)
+  in_dims = tuple(slice_shape[i] for i in spec.in_axes)
+  out_dims = tuple(d for i, d in enumerate(slice_shape) if i not in spec.in_axes)
+  lead, r = a.shape[:-2], a.shape[-1]
+  a = a.reshape((*lead, *in_dims, r)).astype(dtype)
+  b = b.reshape((*lead, r, *out_dims)).astype(dtype)
+  xa = jnp.einsum(xa_eqn, x, a) * jnp.asarray(spec.scale, dtype)
+  if lora_mask is not None:
+    # xa is float[B, T, ..., r]: zeroing a token's row zeroes its delta.
+    m = lora_mask.reshape(lora_mask.shape + (1,) * (xa.ndim - lora_mask.ndim))
+    xa = jnp.where(m, xa, jnp.zeros((), xa.dtype))
+  return y + jnp.einsum(delta_eqn, xa, b)
+
+
+def lora_einsums(eqn: str, in_axes: tuple[int, ...], *, sliced: bool = False) -> tuple[str, str]:
+  """The two rank-r einsums that apply an adapter on ``eqn``'s weight operand.
+
+  ``"BTD,NDH->BTNH"`` with in_axes (1,) gives ``("BTD,Dr->BTr", "BTr,rNH->BTNH")``
+  (r a letter ``eqn`` does not use): x . A with A float[D, r], then . B with B
+  float[r, N, H]. With ``sliced`` the weight operand's first letter is an
+  unindexed slice axis that A and B carry in front.
+
+  Raises:
+    ValueError: when the axes ``eqn`` contracts are not the adapter's input axes
+      (the weight's logical axis names and the einsum disagree).
+  """
+  lhs, out = eqn.replace(" ", "").split("->")
+  xs, ws = lhs.split(",")
+  s, per = (ws[0], ws[1:]) if sliced else ("", ws)
+  ins = "".join(per[i] for i in in_axes)
+  outs = "".join(c for i, c in enumerate(per) if i not in in_axes)
+  keep = "".join(c for c in xs if c not in ws)
+  contracted = {c for c in xs if c in ws and c not in out}
+  if contracted != set(ins) or set(out) != set(keep + s + outs) or set(s + outs) & set(xs):
+    raise ValueError(
+      f"LoRA on einsum {eqn!r}: the adapter contracts {ins!r} of the weight's {ws!r}, "
+      f"the einsum contracts {''.join(sorted(contracted))!r}"
+    )
+  r = next(c for c in "rRzZqQ" if c not in eqn)
+  return f"{xs},{s}{ins}{r}->{keep}{s}{r}", f"{keep}{s}{r},{s}{r}{outs}->{out}"
 
 
 def lora_delta(
   a: jax.Array, b: jax.Array, shape: tuple[int, ...], in_axes: tuple[int, ...], scale: float
 ) -> jax.Array:
-  """``scale * A @ B`` laid out like the weight.
+  """``scale * A @ B`` laid out like the weight (the merged form of an adapter).
 
   Args:
-    a: float32[I, r] with I the product of the weight's input dims ``in_axes``.
-    b: float32[r, O] with O the product of the remaining (output) dims.
-    shape: the weight's shape, e.g. q_einsum's (N, D, H) with in_axes (1,).
-    in_axes: the weight axes contracted with the activations.
+    a: float32[..., I, r] with I the product of one slice's input dims
+      ``in_axes``; leading dims (slices, scanned layers) are the weight's
+      leading dims, each with its own adapter.
+    b: float32[..., r, O] with O the product of the remaining (output) dims.
+    shape: the weight's shape, e.g. q_einsum's (N, D, H) with in_axes (1,), or
+      kv_einsum's (2, K, D, H) with a float32[2, D, r] and in_axes (1,) of (K, D, H).
+    in_axes: the axes of ``shape[len(leading dims):]`` contracted with the activations.
     scale: alpha / rank.
   """
-  out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
-  d = (a @ b) * scale
-  d = d.reshape(tuple(shape[i] for i in in_axes) + tuple(shape[i] for i in out_axes))
+  lead = tuple(a.shape[:-2])
+  n = len(lead)
+  if tuple(shape[:n]) != lead or tuple(b.shape[:-2]) != lead:
+    raise ValueError(f"LoRA factors {a.shape}, {b.shape} do not fit a weight of shape {shape}")
+  per = tuple(shape[n:])
+  out_axes = tuple(i for i in range(len(per)) if i not in in_axes)
+  d = jnp.matmul(a, b) * scale
+  d = d.reshape(lead + tuple(per[i] for i in in_axes) + tuple(per[i] for i in out_axes))
   order = in_axes + out_axes
-  return jnp.transpose(d, tuple(order.index(i) for i in range(len(shape))))
+  perm = tuple(order.index(i) + n for i in range(len(per)))
+  return jnp.transpose(d, tuple(range(n)) + perm)
 
 
 def compute_dtype(name: str) -> jnp.dtype:

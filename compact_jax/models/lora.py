@@ -4,35 +4,45 @@ and regex freeze masks.
 An adapter on weight ``W`` (any shape: 2-D Dense kernels, or einsum weights
 such as q_einsum's ``[N, D, H]``) is a pair of ``nnx.LoRAParam`` factors
 ``<name>_lora_a float32[I, r]`` and ``<name>_lora_b float32[r, O]`` set on the
-module that owns ``W`` (``[L, I, r]``/``[L, r, O]`` for scanned layers). I is
-the product of W's input dims (those contracted with the activations: its
-"embed" axis, or every axis but the last when "embed" is the output), O the
-rest. ``models.weight`` reads ``W + alpha / r * A @ B`` (reshaped like W)
-wherever the model reads W, so the model code does not change. B starts at
-zero: a fresh adapter leaves the model's function unchanged (Hu et al. 2021).
+module that owns ``W`` (``[L, I, r]``/``[L, r, O]`` for scanned layers), and a
+static ``<name>_lora_spec`` (``models.LoraSpec``). I is the product of W's
+input dims (those contracted with the activations: its "embed" axis, or every
+axis but the last when "embed" is the output), O the rest. B starts at zero: a
+fresh adapter leaves the model's function unchanged (Hu et al. 2021).
+
+Fused weights: a weight whose leading axis has no logical name (llm.py's
+``kv_einsum/w [2, K, D, H]`` holding k and v, ``gating_einsum [2, D, F]``
+holding gate and up, which the model reads one slice at a time with
+``project(..., index=i)``) gets one adapter per slice, ``A float32[S, I, r]``,
+``B float32[S, r, O]`` (``[L, S, ...]`` when scanned): the same model and
+parameter count as peft's (and LLaVA's) separate k_proj/v_proj and
+gate_proj/up_proj adapters.
+
+Where the model reads W: ``models.project`` (the LLM) adds
+``alpha / r * (x . A) . B`` to ``x . W`` on the activations, so autodiff never
+forms the full ``[I, O]`` gradient of a merged weight; Partial LoRA
+(``LoraConfig.partial``) masks the rank-r activations per token.
+``models.weight`` (siglip.py, connectors) reads the merged ``W + alpha / r * A @ B``.
+Dropout on the adapter input (peft's ``lora_dropout``) is not implemented: it
+needs a per-step rng threaded from the train step through the VLM and the LLM's
+layers to ``project``.
 
 Only ``nnx.LoRAParam`` leaves need gradients:
 ``nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))`` and
 ``nnx.state(model, nnx.LoRAParam)`` for adapter-only checkpoints.
-Dropout on the adapter input is not supported: the delta is applied to the
-weight, not to activations. Partial LoRA (``LoraConfig.partial``) computes
-adapted LLM projections with and without the delta and selects per token
-(``models.project``), which costs a second einsum on adapted weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compact_jax.models import lora_delta
+from compact_jax.models import LoraSpec, lora_delta
 from compact_jax.sharding import param
 
 
@@ -61,13 +71,22 @@ class _Weight:
   path: str
   module: nnx.Module
   name: str
-  stacked: bool  # a leading scanned "layers" axis
-  shape: tuple[int, ...]  # per layer
-  axes: tuple[str | None, ...]  # per layer
+  lead: tuple[int, ...]  # leading dims with their own adapter: scanned layers, slices
+  lead_axes: tuple[str | None, ...]  # ("layers",) and/or None (a slice axis)
+  sliced: bool
+  shape: tuple[int, ...]  # of one slice of one layer
+  axes: tuple[str | None, ...]  # of one slice of one layer
 
 
 def _weights(model: nnx.Module) -> Iterator[_Weight]:
-  """Every plain (non-LoRA) param with >= 2 dims, with its owning module."""
+  """Every plain (non-LoRA) param with >= 2 dims per layer and slice, with its owning module.
+
+  A leading "layers" axis is the scanned layer stack. After it, a leading axis
+  without a logical name on a weight of >= 3 dims is a slice axis: the fused
+  weights of llm.py (``kv_einsum/w`` ``(None, "kv_heads", "embed", "head_dim")``,
+  ``gating_einsum`` ``(None, "embed", "mlp")``) name every axis but the one
+  that stacks independent projections.
+  """
   for path, node in nnx.iter_graph(model):
     if not isinstance(node, nnx.Module):
       continue
@@ -77,11 +96,15 @@ def _weights(model: nnx.Module) -> Iterator[_Weight]:
         continue
       axes = tuple(var.get_metadata().get("out_sharding") or ())
       shape = tuple(var.shape)
-      stacked = bool(axes) and axes[0] == "layers"
-      if stacked:
-        shape, axes = shape[1:], axes[1:]
+      lead, lead_axes = (), ()
+      if axes and axes[0] == "layers":
+        lead, lead_axes, shape, axes = shape[:1], axes[:1], shape[1:], axes[1:]
+      sliced = len(axes) >= 3 and axes[0] is None
+      if sliced:
+        lead, lead_axes, shape, axes = lead + shape[:1], (*lead_axes, None), shape[1:], axes[1:]
       if len(shape) >= 2:
-        yield _Weight(f"{prefix}/{name}" if prefix else name, node, name, stacked, shape, axes)
+        path_name = f"{prefix}/{name}" if prefix else name
+        yield _Weight(path_name, node, name, lead, lead_axes, sliced, shape, axes)
 
 
 def input_axes(axes: tuple[str | None, ...]) -> tuple[int, ...]:
@@ -118,21 +141,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> list[
     in_axes = input_axes(w.axes)
     i = int(np.prod([w.shape[k] for k in in_axes]))
     o = int(np.prod(w.shape)) // i
-    lead = (getattr(w.module, w.name).shape[0],) if w.stacked else ()
-    lead_axes = ("layers",) if w.stacked else ()
-    a = rng.standard_normal((*lead, i, config.rank)).astype(np.float32) / np.sqrt(i)
-    b = np.zeros((*lead, config.rank, o), np.float32)
-    setattr(
-      w.module,
-      f"{w.name}_lora_a",
-      param(jnp.asarray(a), (*lead_axes, None, "lora_rank"), nnx.LoRAParam),
-    )
-    setattr(
-      w.module,
-      f"{w.name}_lora_b",
-      param(jnp.asarray(b), (*lead_axes, "lora_rank", None), nnx.LoRAParam),
-    )
-    setattr(w.module, f"{w.name}_lora_spec", (in_axes, config.alpha / config.rank))
+    a = rng.standard_normal((*w.lead, i, config.rank)).astype(np.float32) / np.sqrt(i)
+    b = np.zeros((*w.lead, config.rank, o), np.float32)
+    a_axes, b_axes = (*w.lead_axes, None, "lora_rank"), (*w.lead_axes, "lora_rank", None)
+    setattr(w.module, f"{w.name}_lora_a", param(jnp.asarray(a), a_axes, nnx.LoRAParam))
+    setattr(w.module, f"{w.name}_lora_b", param(jnp.asarray(b), b_axes, nnx.LoRAParam))
+    spec = LoraSpec(in_axes, config.alpha / config.rank, sliced=w.sliced)
+    setattr(w.module, f"{w.name}_lora_spec", spec)
     done.append(w.path)
   unused = sorted(p for p, n in hits.items() if n == 0)
   if unused:
@@ -147,12 +162,10 @@ def merge_lora(model: nnx.Module) -> list[str]:
     spec = getattr(w.module, f"{w.name}_lora_spec", None)
     if spec is None:
       continue
-    in_axes, scale = spec
     base = getattr(w.module, w.name)
     a = getattr(w.module, f"{w.name}_lora_a")[...]
     b = getattr(w.module, f"{w.name}_lora_b")[...]
-    delta = functools.partial(lora_delta, shape=w.shape, in_axes=in_axes, scale=scale)
-    d = jax.vmap(delta)(a, b) if w.stacked else delta(a, b)
+    d = lora_delta(a, b, tuple(base.shape), spec.in_axes, spec.scale)
     base.set_value(base[...] + d.astype(base.dtype))
     for suffix in ("_lora_a", "_lora_b", "_lora_spec"):
       delattr(w.module, w.name + suffix)

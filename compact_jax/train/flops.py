@@ -32,15 +32,17 @@ Two totals, which differ only where the implementation does more than the
 model needs:
 
 - ``model``: the FLOPs the model needs (for MFU). The LM head counts only the T
-  text positions. A LoRA adapter ``A[I, r]``, ``B[r, O]`` counts as a trained
-  pair of matmuls on the activations, ``6·r·(I + O)`` per token (4· when
-  nothing before it is trained), and its frozen base weight as frozen.
+  text positions.
 - ``executed``: what this implementation computes without rematerialisation;
   compare it with XLA's ``cost_analysis()``. The LM head runs on all S
-  positions (image positions' logits are computed, then dropped). LoRA is
-  applied to the weight (``W + alpha/r · A @ B``, ``models.lora``), so the
-  adapted weight's full gradient is computed (+F per adapted matmul) plus
-  ``6·I·r·O`` per layer and step for the merge and its backward.
+  positions (image positions' logits are computed, then dropped).
+
+LoRA (both totals): ``models.project`` applies an adapter ``A[I, r]``,
+``B[r, O]`` (one per slice of a fused weight) to the activations, ``x·A`` then
+``·B``, forward ``2·r·I`` and ``2·r·O`` per token, and the same rule holds per
+matmul: ``·B`` is x3 (its input ``x·A`` needs a gradient for A's), ``x·A`` x2,
+x3 when something earlier is trained; so ``6·r·(I + O)`` per token, less
+``2·r·I`` in the first trained stage. The frozen base weight counts as frozen.
 
 Not counted (either total): elementwise work (norms, softmax, activations,
 RoPE, the loss, the optimizer update), embedding gathers, and remat's
@@ -62,8 +64,9 @@ from compact_jax.models import siglip
 FORMULA = (
   "per matmul with forward F = 2*rows*|W|: F + F if W trained + F if anything earlier is trained"
   " (6N trained, 4N frozen-but-backpropagated, 2N forward-only); attention 4*S^2*heads*head_dim"
-  " per layer forward over the full S x S square (x3 when gradients pass); LoRA adapters"
-  " 6*r*(I+O) per token; LM head on text positions; no remat, no elementwise"
+  " per layer forward over the full S x S square (x3 when gradients pass); LoRA on activations"
+  " x.A (2*r*I/token, x2, x3 if earlier trained) then .B (2*r*O/token, x3); LM head on text"
+  " positions; no remat, no elementwise"
 )
 
 # bf16 dense peak FLOP/s per chip (no sparsity). Sources: Google Cloud TPU v5e/v5p
@@ -420,7 +423,9 @@ def vlm_sites(
 
 
 def _adapters(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, int, int]]:
-  """Adapted weight path -> (I, r, O) from its ``_lora_a``/``_lora_b`` shapes."""
+  """Adapted weight path -> (I, r, O) of one slice's adapter, from its
+  ``_lora_a`` ``[..., I, r]`` / ``_lora_b`` ``[..., r, O]`` shapes (leading dims:
+  scanned layers, slices of a fused weight)."""
   out = {}
   for name in shapes:
     if name.endswith("_lora_a"):
@@ -480,20 +485,18 @@ def count_step_flops(
       w_trained = s.weight is not None and trainable[s.weight]
       dx = s.operands * s.flops if earlier_trained else 0.0
       cost = s.flops + dx + (s.flops if w_trained else 0.0)
-      extra = 0.0
+      lora = 0.0
       if s.weight in lora_trained:
         i, r, o = adapted[s.weight]
-        # Model view: the adapter as matmuls on the activations, x@A then @B,
-        # trained (its input gradient only when something earlier is trained).
-        adapter_fwd = s.flops * r * (i + o) / (i * o)
-        lora = adapter_fwd * (3.0 if earlier_trained else 2.0)
+        # With S slices s.flops = 2·rows·I·O·S; x·A costs 2·rows·I·r·S and ·B 2·rows·r·O·S.
+        fwd_a, fwd_b = s.flops * r / o, s.flops * r / i
+        # Both factors trained; B's input x·A always needs its gradient (for dA),
+        # A's input x only when something earlier is trained.
+        lora = fwd_a * (3.0 if earlier_trained else 2.0) + fwd_b * 3.0
         by_part["lora"] = by_part.get("lora", 0.0) + lora
-        model += lora
-        # Executed: the merged weight's full gradient, plus the merge A@B and
-        # its backward (dA, dB), once per layer and step.
-        extra = s.flops + 6.0 * i * r * o
-      model += cost
-      executed += cost + extra
+        forward += fwd_a + fwd_b
+      model += cost + lora
+      executed += cost + lora
       forward += s.flops
       by_part[s.part] = by_part.get(s.part, 0.0) + cost
     if any(_reads_trained(s, trainable, lora_trained) for s in group):

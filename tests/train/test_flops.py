@@ -74,10 +74,10 @@ LLM_ATTN = 2 * (2 * S * S * 2 * 16)
 HEAD_ALL, HEAD_TEXT = 2 * S * D * V, 2 * T * D * V
 FORWARD = PATCH + VIT_PROJ + VIT_ATTN + CONN0 + CONN1
 FORWARD += LLM_Q + LLM_KV + LLM_OUT + LLM_MLP + LLM_ATTN + HEAD_ALL
-# LoRA (rank R) on q [2, 32, 16] (I = 32, O = 32) and kv [2, 2, 32, 16] (I = 32, O = 64).
-LORA_Q_TOKEN = 2 * S * R * (32 + 32)
-LORA_KV_TOKEN = 2 * S * R * (32 + 64)
-LORA_MERGE = 6 * (32 * R * 32 + 32 * R * 64)  # per step, not per example
+# LoRA (rank R) on q [2, 32, 16] (I = 32, O = 32) and on each slice of kv [2, 2, 32, 16]
+# (k and v: I = 32, O = 32 each), forward x.A and (x.A).B on the activations.
+LORA_A = 2 * S * R * 32 * 3  # x.A for q, k, v
+LORA_B = 2 * S * R * 32 * 3  # (x.A).B for q, k, v
 
 
 def _rest_of_llm(mult):
@@ -161,11 +161,14 @@ def test_hand_count_lora():
   # q/kv: frozen base weights with nothing trained before them (forward only);
   # everything after them is backpropagated through.
   llm = LLM_Q + LLM_KV + 2 * (LLM_OUT + LLM_MLP) + 3 * LLM_ATTN
-  # Model view: adapters are trained matmul pairs on the activations (fwd + weight grad).
-  assert got.model == B * (frozen_front + llm + 2 * HEAD_TEXT + 2 * (LORA_Q_TOKEN + LORA_KV_TOKEN))
-  assert got.by_part["lora"] == B * 2 * (LORA_Q_TOKEN + LORA_KV_TOKEN)
-  # Executed: the merged weights' full gradients, plus the merge per step.
-  assert got.executed == B * (frozen_front + llm + LLM_Q + LLM_KV + 2 * HEAD_ALL) + LORA_MERGE
+  # Adapters: trained matmul pairs on the activations. x.A: forward + dA (nothing earlier
+  # is trained, so no dx); (x.A).B: forward + dB + d(x.A), which dA needs.
+  lora = 2 * LORA_A + 3 * LORA_B
+  assert got.by_part["lora"] == B * lora
+  assert got.model == B * (frozen_front + llm + 2 * HEAD_TEXT + lora)
+  # Executed: the same (no merged weight, no full weight gradient), the head on all S.
+  assert got.executed == B * (frozen_front + llm + 2 * HEAD_ALL + lora)
+  assert got.forward == B * (FORWARD + LORA_A + LORA_B)
 
 
 def test_unknown_parameter_is_an_error(smoke):
