@@ -174,6 +174,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = 64  # model input resolution (after pad-to-square)
   # Text lengths (tokens) that batches are padded to; one compile per bucket.
   c.data.seq_buckets = (64, 80, 96, 128, 144)
+  # Sequence packing (0 = off): rows of pack_length LLM positions (image tokens
+  # included) hold several examples, packed first-fit-decreasing per pack_window
+  # shuffled examples; segment ids keep them from attending to each other and
+  # positions restart per example (data/pipeline.py). Steps have one shape and
+  # compile once, and <phase>.batch_size counts rows. Text is still truncated to
+  # seq_buckets[-1]; pack_length must hold an image plus that much text.
+  # No FLOP/MFU logging for packed steps yet, and the dry run refuses them.
+  c.data.pack_length = 0
+  c.data.pack_max_images = 4  # image slots per row; the ViT runs on every slot
+  c.data.pack_window = 256
   c.data.worker_count = 0  # grain multiprocessing workers; 0 = in-process
   c.data.shuffle_buffer_seed = 0
 

@@ -9,6 +9,14 @@ its pixels cannot matter). Attention follows big_vision's ``make_attn_mask``
 over ``mask_ar``: mask_ar = 0 tokens form a fully connected prefix with the
 image, mask_ar = 1 tokens are causal. Positions count valid tokens only.
 
+Packed rows (``VLM.forward_packed``, on when ``data.pack_length`` > 0) hold
+several examples with their image tokens already expanded in place; P is the
+packed row length, M the image slots per row. ``segment_ids`` keep an
+example's tokens attending only among themselves, positions restart at 0 with
+each example, and the ViT's output for each image slot is gathered into the
+row where ``image_index`` says. Each example then computes what it would
+alone in an unpacked row (tests/train/test_packing.py).
+
 Parameter paths ('/'-joined ``nnx.state`` paths, big_vision names):
 ``img/...`` (ViT; the linear connector is ``img/head``), ``connector/...``
 (the mlp2x_gelu connector), ``llm/...`` (decoder).
@@ -29,18 +37,23 @@ from compact_jax.models import connectors, llm, siglip
 from compact_jax.sharding import constrain
 
 
-def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
-  """big_vision's prefix-LM / causal attention mask.
+def make_attn_mask(
+  input_mask: jax.Array, mask_ar: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
+  """big_vision's prefix-LM / causal attention mask, optionally per packed segment.
 
   Token i attends to token j iff both are valid and
   ``cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]``. So a run of mask_ar = 0
   tokens at the start is a full-attention prefix, and each mask_ar = 1 token
   starts a new causal step. As in big_vision, a padding token's row is all
-  False too (its output is never read).
+  False too (its output is never read). With ``segment_ids`` i and j must also
+  share a segment; the cumsum rule then acts within each segment as it would
+  in a row of its own (the earlier segments only add a constant to both sides).
 
   Args:
     input_mask: bool[B, S], False on padding.
     mask_ar: int32[B, S] (or bool).
+    segment_ids: int32[B, S] or None; packed examples are 1, 2, ..., padding 0.
 
   Returns:
     bool[B, S, S], indexed [batch, query, key].
@@ -48,7 +61,10 @@ def make_attn_mask(input_mask: jax.Array, mask_ar: jax.Array) -> jax.Array:
   cumsum = jnp.cumsum(mask_ar.astype(jnp.int32), axis=1)
   causal = cumsum[:, None, :] <= cumsum[:, :, None]
   valid = input_mask[:, None, :] & input_mask[:, :, None]
-  return causal & valid
+  mask = causal & valid
+  if segment_ids is not None:
+    mask &= segment_ids[:, None, :] == segment_ids[:, :, None]
+  return mask
 
 
 class VLM(nnx.Module):
@@ -215,6 +231,74 @@ class VLM(nnx.Module):
     )
     aux["llm/pre_logits"] = llm_aux["pre_logits"][:, n:]
     return logits[:, n:], aux
+
+  def forward_packed(
+    self,
+    image: jax.Array,
+    tokens: jax.Array,
+    mask_ar: jax.Array,
+    mask_input: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    image_index: jax.Array,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training forward pass over packed rows (``data.pipeline.pack_rows``).
+
+    P is the packed row length (image tokens included), M the image slots per row.
+
+    Args:
+      image: float32[B, M, H, W, 3] in [-1, 1]; empty slots are zeros (the
+        batch's ``has_image`` bool[B, M] marks the filled ones; the model needs
+        only ``image_index``).
+      tokens: int32[B, P]; any value at image positions (their embedding is replaced).
+      mask_ar: int32[B, P] as for ``__call__``; image positions take ``causal_image``.
+      mask_input: bool[B, P], False on padding only (image tokens are valid).
+      segment_ids: int32[B, P], 1, 2, ... per example, 0 on padding.
+      positions: int32[B, P], restarting at 0 with each example.
+      image_index: int32[B, P], ``slot * N + k`` at the row's k-th token of image
+        slot ``slot``, -1 elsewhere.
+
+    Returns:
+      (logits float32[B, P, V], aux). The logit at position p predicts token
+      p + 1; across a segment boundary that prediction is meaningless and the
+      pipeline gives it no loss weight. aux: "img/..." of the ViT over all B * M
+      slots, "llm/pre_logits" float[B, P, D_llm].
+    """
+    if image.ndim != 5:
+      raise ValueError(
+        f"VLM.forward_packed: image has shape {image.shape}, expected [B, M, H, W, 3]"
+      )
+    b, m = image.shape[:2]
+    p = tokens.shape[1]
+    for name, arr in (
+      ("mask_ar", mask_ar),
+      ("mask_input", mask_input),
+      ("segment_ids", segment_ids),
+      ("positions", positions),
+      ("image_index", image_index),
+    ):
+      if arr.shape != (b, p):
+        raise ValueError(f"VLM.forward_packed: {name} has shape {arr.shape}, expected {(b, p)}")
+    # Empty slots run through the ViT too (fixed shapes); no token gathers them,
+    # so they get no gradient and change no output.
+    zimg, aux = self._embed_image(image.reshape(b * m, *image.shape[2:]))
+    n = zimg.shape[1]
+    zimg = zimg.reshape(b, m * n, zimg.shape[-1])
+    ztxt = self.llm.embed(tokens)
+    is_image = image_index >= 0
+    # A per-row gather keeps each row's image tokens on the row's own device.
+    gathered = jnp.take_along_axis(zimg, jnp.maximum(image_index, 0)[..., None], axis=1)
+    x = jnp.where(is_image[..., None], gathered.astype(ztxt.dtype), ztxt)
+    full_ar = jnp.where(is_image, int(self.causal_image), mask_ar.astype(jnp.int32))
+    attn_mask = make_attn_mask(mask_input.astype(bool), full_ar, segment_ids)
+    logits, llm_aux = self.llm(
+      constrain(x, llm.ACT),
+      positions,
+      attn_mask,
+      lora_mask=is_image if self.partial_lora else None,
+    )
+    aux["llm/pre_logits"] = llm_aux["pre_logits"]
+    return logits, aux
 
 
 # --- flat '/'-joined parameter views ---------------------------------------------------

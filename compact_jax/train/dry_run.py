@@ -161,6 +161,13 @@ def dry_run(
     A JSON-serialisable report (see the module docstring); ``fits`` is None
     when the chip is unknown.
   """
+  if config.data.pack_length:
+    # A packed step's memory differs (image slots, per-token segment ids): planning it
+    # with an unpacked batch would give a wrong answer, so say so instead.
+    raise ValueError(
+      f"dry_run: packed steps are not planned yet (data.pack_length="
+      f"{config.data.pack_length}); plan with --config.data.pack_length=0"
+    )
   phase_cfg = loop_lib.phase_config(config, phase)
   vocab_size = vocab_size or default_vocab_size(config)
   seq_len = seq_len or max(config.data.seq_buckets)

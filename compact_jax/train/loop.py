@@ -332,6 +332,16 @@ def flops_per_bucket(
   return out
 
 
+def batch_counts(host_batch: dict[str, np.ndarray], image_tokens: int) -> tuple[int, int]:
+  """(examples, LLM tokens that are not padding) of a host batch, unpacked or packed."""
+  if "segment_ids" in host_batch:
+    # Packed: segments are numbered 1.. per row, and image tokens are valid positions.
+    examples = int(host_batch["segment_ids"].max(axis=1).sum())
+    return examples, int(host_batch["mask_input"].sum())
+  tokens = int(host_batch["mask_input"].sum()) + image_tokens * int(host_batch["has_image"].sum())
+  return len(host_batch["tokens"]), tokens
+
+
 def export_trainable_params(params: Any, trainable: Any, path: str) -> list[str]:
   """Writes only the trained params to ``path`` (npz, '/'-joined keys); returns the keys.
 
@@ -424,7 +434,11 @@ def run_train(
       for label, name in optimizer_lib.group_names(cfg.param_groups).items()
     },
   )
-  step_flops = flops_per_bucket(config, setup, tokenizer.vocab_size)
+  packed = step_lib.is_packed(config)
+  # flops.step_flops models one example per row; packed rows are not modelled yet.
+  step_flops = None if packed else flops_per_bucket(config, setup, tokenizer.vocab_size)
+  if packed:
+    logging.info("Packed rows of %d positions: no FLOP/MFU logging", config.data.pack_length)
   peak = peak_flops_per_device(cfg, mesh.devices.flat[0].device_kind)
   if step_flops is not None:
     logging.info(
@@ -447,6 +461,14 @@ def run_train(
     seed=config.seed,
     shard_index=jax.process_index(),
     shard_count=jax.process_count(),
+    pack=pipeline_lib.PackSpec(
+      length=config.data.pack_length,
+      max_images=config.data.pack_max_images,
+      window=config.data.pack_window,
+      num_image_tokens=setup.num_image_tokens,
+    )
+    if packed
+    else None,
   )
   data_iter = pipeline_lib.make_iterator(dataset)
   ckpt = checkpoint_lib.Checkpointer(
@@ -520,9 +542,9 @@ def run_train(
     train_step = step_lib.TrainStep(setup, config, mesh)
     image_tokens = setup.num_image_tokens
     last: dict[str, float] = {}
-    # (step, metrics, tokens, flops) of a step, checked one step late.
-    pending: tuple[int, Any, int, float] | None = None
-    t0, s0, tokens_since, flops_since = time.time(), start, 0, 0.0
+    # (step, metrics, examples, tokens, flops) of a step, checked one step late.
+    pending: tuple[int, Any, int, int, float] | None = None
+    t0, s0, tokens_since, flops_since, examples_since = time.time(), start, 0, 0.0, 0
     # Training metrics summed since the last checkpoint (for best_metric), and
     # the latest eval-hook metrics.
     interval: dict[str, float] = {}
@@ -530,9 +552,11 @@ def run_train(
     eval_metrics: dict[str, float] = {}
     preempted = PreemptionFlag()
 
-    def check_and_log(step: int, metrics: Any, tokens: int, flops: float) -> None:
-      nonlocal last, t0, s0, tokens_since, flops_since, skipped_total, interval_steps
+    def check_and_log(step: int, metrics: Any, examples: int, tokens: int, flops: float) -> None:
+      nonlocal last, t0, s0, tokens_since, flops_since, examples_since
+      nonlocal skipped_total, interval_steps
       # Counted here, not at dispatch, so a logged rate covers exactly its steps.
+      examples_since += examples
       tokens_since += tokens
       flops_since += flops
       host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -561,7 +585,8 @@ def run_train(
         dt = max(time.time() - t0, 1e-9)
         rate = (step - s0) / dt
         host["steps_per_sec"] = rate
-        host["examples_per_sec"] = rate * cfg.batch_size
+        # Counted on this host (packed rows hold several); hosts hold equal shares.
+        host["examples_per_sec"] = examples_since * jax.process_count() / dt
         host["tokens_per_sec"] = tokens_since / dt  # image + text tokens into the LLM
         host["compiles"] = train_step.num_traces
         host["recompiles"] = train_step.num_retraces
@@ -596,7 +621,7 @@ def run_train(
           _fmt_duration(eta),
         )
         writer.write(step, host)
-        t0, s0, tokens_since, flops_since = time.time(), step, 0, 0.0
+        t0, s0, tokens_since, flops_since, examples_since = time.time(), step, 0, 0.0, 0
       last = host
 
     def run_eval_hook(step: int) -> None:
@@ -635,9 +660,7 @@ def run_train(
     try:
       for step in range(start + 1, cfg.total_steps + 1):
         host_batch = next(data_iter)
-        tokens = int(host_batch["mask_input"].sum()) + image_tokens * int(
-          host_batch["has_image"].sum()
-        )
+        examples, tokens = batch_counts(host_batch, image_tokens)
         flops = step_flops[int(host_batch["tokens"].shape[1])] if step_flops else 0.0
         traces = train_step.num_traces
         state, metrics = train_step(state, step_lib.to_global_batch(host_batch, mesh))
@@ -660,7 +683,7 @@ def run_train(
         # busy while the host checks for NaN.
         if pending is not None:
           check_and_log(*pending)
-        pending = (step, metrics, tokens, flops)
+        pending = (step, metrics, examples, tokens, flops)
         run_eval = eval_hook is not None and (
           step % cfg.eval_every_steps == 0 or step == cfg.total_steps
         )

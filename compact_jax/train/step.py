@@ -1,4 +1,9 @@
-"""The train step: a pure function of (state, batch), jitted once per bucket."""
+"""The train step: a pure function of (state, batch), jitted once per bucket.
+
+With packing (``config.data.pack_length`` > 0) batches are packed rows
+(``data.pipeline.pack_rows``: ``PACKED_BATCH_KEYS``) of one fixed shape, so the
+step compiles once; the loss is the same per-answer-token mean either way.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,37 @@ from compact_jax.train.state import StateSetup, TrainState, merge_model
 
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("image", "has_image", "tokens", "mask_ar", "mask_loss", "mask_input")
+# Packed rows add each token's example, RoPE position and image-token source.
+PACKED_BATCH_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "image_index")
+
+
+def is_packed(config) -> bool:
+  """Whether ``config`` trains on packed rows."""
+  return config.data.pack_length > 0
+
+
+def batch_keys(packed: bool) -> tuple[str, ...]:
+  return PACKED_BATCH_KEYS if packed else BATCH_KEYS
+
+
+def forward(model, batch: Batch, *, packed: bool) -> jax.Array:
+  """float32[B, T, V] logits of ``model`` (a ``VLM``) on an unpacked or packed batch;
+  either way the logit at t predicts ``batch["tokens"][:, t + 1]``."""
+  if packed:
+    logits, _ = model.forward_packed(
+      batch["image"],
+      batch["tokens"],
+      batch["mask_ar"],
+      batch["mask_input"],
+      batch["segment_ids"],
+      batch["positions"],
+      batch["image_index"],
+    )
+    return logits
+  logits, _ = model(
+    batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
+  )
+  return logits
 
 
 def answer_weights(batch: Batch) -> jax.Array:
@@ -112,15 +148,13 @@ def make_loss_and_grads(
   """
   graphdef, trainable = setup.graphdef, setup.trainable
   smoothing = config.train.label_smoothing
+  packed = is_packed(config)
   accum = int(config.train.accum_steps)
   if accum < 1:
     raise ValueError(f"config.train.accum_steps must be >= 1, got {accum}")
 
   def loss_fn(params, batch, denom):
-    model = merge_model(graphdef, params)
-    logits, _ = model(
-      batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
-    )
+    logits = forward(merge_model(graphdef, params), batch, packed=packed)
     sums = token_loss_sums(logits, batch, label_smoothing=smoothing)
     return sums["nll"] / denom, sums
 
@@ -204,16 +238,17 @@ def make_train_step(
   return step
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-  ndims = {"image": 4, "has_image": 1}
-  return {k: mesh_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in BATCH_KEYS}
+def batch_shardings(mesh: Mesh, packed: bool = False) -> dict[str, NamedSharding]:
+  # Packed images are [B, M, H, W, 3] with has_image [B, M]: a row's slots stay on its device.
+  ndims = {"image": 5, "has_image": 2} if packed else {"image": 4, "has_image": 1}
+  return {k: mesh_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in batch_keys(packed)}
 
 
 class TrainStep:
   """The step jitted with in/out shardings and the state donated.
 
-  ``num_traces`` counts traces, and ``traced_lengths`` the text lengths traced,
-  so the loop can tell a new bucket (expected: one compile each) from a
+  ``num_traces`` counts traces, and ``traced_lengths`` the text lengths traced
+  (the packed length when packing, so one trace in all), so the loop can tell a new bucket (expected: one compile each) from a
   recompilation of a shape it has already compiled (a bug: a changed dtype,
   sharding or static value), which it reports loudly or raises on.
   """
@@ -236,7 +271,7 @@ class TrainStep:
 
     self._jitted = jax.jit(
       wrapped,
-      in_shardings=(setup.shardings, batch_shardings(mesh)),
+      in_shardings=(setup.shardings, batch_shardings(mesh, is_packed(config))),
       out_shardings=(setup.shardings, NamedSharding(mesh, P())),
       donate_argnums=(0,),
     )
@@ -260,6 +295,7 @@ class TrainStep:
 
 
 def to_global_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
-  """Host-local numpy batch -> global jax.Arrays sharded over the batch axes."""
-  shard = batch_shardings(mesh)
-  return {k: jax.make_array_from_process_local_data(shard[k], batch[k]) for k in BATCH_KEYS}
+  """Host-local numpy batch (unpacked, or packed: it has ``segment_ids``) -> global
+  jax.Arrays sharded over the batch axes."""
+  shard = batch_shardings(mesh, "segment_ids" in batch)
+  return {k: jax.make_array_from_process_local_data(v, batch[k]) for k, v in shard.items()}
