@@ -143,7 +143,12 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> list[
     o = int(np.prod(w.shape)) // i
     a = rng.standard_normal((*w.lead, i, config.rank)).astype(np.float32) / np.sqrt(i)
     b = np.zeros((*w.lead, config.rank, o), np.float32)
-    a_axes, b_axes = (*w.lead_axes, None, "lora_rank"), (*w.lead_axes, "lora_rank", None)
+    # A's rows flatten W's input dims and B's columns its output dims, outermost
+    # first, so naming each after its outermost dim shards them like W (a 7B
+    # model's r=128 adapters are 1.2 GiB per device when replicated).
+    out_names = [ax for k, ax in enumerate(w.axes) if k not in in_axes]
+    a_axes = (*w.lead_axes, w.axes[in_axes[0]], "lora_rank")
+    b_axes = (*w.lead_axes, "lora_rank", out_names[0])
     setattr(w.module, f"{w.name}_lora_a", param(jnp.asarray(a), a_axes, nnx.LoRAParam))
     setattr(w.module, f"{w.name}_lora_b", param(jnp.asarray(b), b_axes, nnx.LoRAParam))
     spec = LoraSpec(in_axes, config.alpha / config.rank, sliced=w.sliced)

@@ -247,11 +247,15 @@ def test_fused_weights_get_one_adapter_per_slice():
   assert shapes[pre + "attn/kv_einsum/w_lora_b"] == (v.depth, 2, r, kv_out)
   assert shapes[pre + "mlp/gating_einsum_lora_a"] == (v.depth, 2, v.width, r)
   assert shapes[pre + "mlp/gating_einsum_lora_b"] == (v.depth, 2, r, v.mlp_dim)
-  assert axes[pre + "attn/kv_einsum/w_lora_a"] == ("layers", None, None, "lora_rank")
-  assert axes[pre + "attn/kv_einsum/w_lora_b"] == ("layers", None, "lora_rank", None)
+  # A's rows are named like W's (outermost) input dim and B's columns like its output
+  # dims' outermost, so the rules shard adapters as they shard W.
+  assert axes[pre + "attn/kv_einsum/w_lora_a"] == ("layers", None, "embed", "lora_rank")
+  assert axes[pre + "attn/kv_einsum/w_lora_b"] == ("layers", None, "lora_rank", "kv_heads")
+  assert axes[pre + "mlp/gating_einsum_lora_b"] == ("layers", None, "lora_rank", "mlp")
   # Unfused weights keep one adapter.
   assert shapes[pre + "attn/q_einsum/w_lora_a"] == (v.depth, v.width, r)
-  assert axes[pre + "attn/q_einsum/w_lora_a"] == ("layers", None, "lora_rank")
+  assert axes[pre + "attn/q_einsum/w_lora_a"] == ("layers", "embed", "lora_rank")
+  assert axes[pre + "attn/q_einsum/w_lora_b"] == ("layers", "lora_rank", "heads")
   # peft's count per layer: r * (I + O) for each of q, k, v, o, gate, up, down.
   d, n, h, f = v.width, v.num_heads, v.head_dim, v.mlp_dim
   per_layer = r * ((d + n * h) + 2 * (d + kv_out) + (n * h + d) + 2 * (d + f) + (f + d))

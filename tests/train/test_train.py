@@ -344,6 +344,34 @@ def test_a_phase_starts_from_the_previous_phases_final_params(built, tmp_path):
   assert any(not np.array_equal(a, b) for a, b in pairs)
 
 
+def test_lora_adapters_are_sharded_like_their_weights_and_keep_the_loss(built, one_device_losses):
+  """All-projection LoRA on a 2x2x2 mesh: adapters sharded over fsdp/tensor, same loss as 1 device."""
+  _, tok, batches, _ = one_device_losses
+  config = _config(built)
+  with config.unlocked():
+    config.model.lora.targets = (
+      r"llm/layers[^/]*/attn/(q|kv|attn_vec)_einsum/w$",
+      r"llm/layers[^/]*/mlp/(gating_einsum|linear)$",
+    )
+  losses = {}
+  for shape in ((1, 1, 1), (2, 2, 2)):
+    devices = jax.devices()[: int(np.prod(shape))]
+    mesh = mesh_lib.make_mesh(tuple(zip(("data", "fsdp", "tensor"), shape)), devices)
+    setup, _ = state_lib.setup_state(config, vocab_size=tok.vocab_size, mesh=mesh)
+    specs = {
+      "/".join(str(p.key) for p in path): s.spec
+      for path, s in jax.tree_util.tree_leaves_with_path(setup.shardings["params"])
+    }
+    adapters = {k: v for k, v in specs.items() if "_lora_" in k}
+    assert len(adapters) == 10
+    if shape == (2, 2, 2):
+      assert all(any(ax is not None for ax in spec) for spec in adapters.values()), adapters
+    metrics, _, _ = _run_steps(config, mesh, tok.vocab_size, batches)
+    losses[shape] = [float(m["loss"]) for m in metrics]
+  np.testing.assert_allclose(losses[(2, 2, 2)], losses[(1, 1, 1)], atol=1e-5, rtol=0)
+  assert losses[(1, 1, 1)][2] < losses[(1, 1, 1)][0]
+
+
 def test_lora_phase_trains_adapters_and_connector_only(built, tmp_path):
   """LLaVA-1.5 stage 2 groups: frozen towers stay bit-identical and carry no optimizer
   state; adapters and connector move."""
