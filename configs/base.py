@@ -167,6 +167,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vision.weight_decay = 1e-4
   c.vision.log_every_steps = 50
   c.vision.eval_images = 600  # test images whose cells are scored (never trained on)
+  # What trains the tower: "cells" (the labels above), "sigmoid" (SigLIP's contrastive
+  # loss on (train image, caption) pairs with a MAP head and a text tower,
+  # world/contrastive.py) or "both" (their sum on one tower).
+  c.vision.objective = "cells"
+  c.vision.txt_variant = ""  # sigmoid/both: the text tower ("" = model.vit_variant)
+  # sigmoid: steps and lr of the linear probe of cell labels on the frozen tower (0 = off).
+  c.vision.probe_steps = 300
+  c.vision.probe_lr = 1e-2
 
   # --- data: the grain input pipeline (compact_jax/data) --------------------
   c.data = ml_collections.ConfigDict()

@@ -22,6 +22,7 @@ distinct capabilities, weighted, preferring ones this image has not used yet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Collection, Mapping
 
 import numpy as np
@@ -73,23 +74,54 @@ def _definable(cap: str, scene: scene_lib.Scene, i: int) -> bool:
   }.get(cap, True)
 
 
-def _filter(cap: str, scene: scene_lib.Scene, i: int, rng: Rand) -> q_lib.Filter:
+def _filter_options(cap: str, scene: scene_lib.Scene, i: int) -> tuple[tuple[str, str], ...]:
+  """The filter naming object i by ``cap``, as ``(attr, value)``; for action_recognition
+  two, (its direction, ANY), of which each use draws one (`_draw`)."""
   o = scene.objects[i]
   if cap == "color":
-    return q_lib.Filter("color", o.color)
+    return (("color", o.color),)
   if cap == "shape":
-    return q_lib.Filter("shape", o.kind)
+    return (("shape", o.kind),)
   if cap == "object_recognition":
-    return q_lib.Filter("object", o.kind)
+    return (("object", o.kind),)
   if cap == "text_recognition":
-    return q_lib.Filter("letter", o.letter)
+    return (("letter", o.letter),)
   if cap == "action_recognition":
-    return q_lib.Filter("motion", o.motion if rng.random() < P_SPECIFIC_MOTION else q_lib.ANY)
+    return ("motion", o.motion), ("motion", q_lib.ANY)
   if cap == "spatial_recognition":
-    return q_lib.Filter("region", scene.region(i))
+    return (("region", scene.region(i)),)
   if cap == "scene_understanding":
-    return q_lib.Filter("ground", scene.object_ground(i))
+    return (("ground", scene.object_ground(i)),)
   raise ValueError(f"{cap!r} is not a filter capability")
+
+
+_PRESENCE = {"letter": ("letter", q_lib.ANY), "motion": ("motion", q_lib.ANY)}
+_FILTER_RANK = {attr: i for i, attr in enumerate(FILTER_ORDER)}
+
+
+def _filter_rank(f: tuple[str, str]) -> int:
+  return _FILTER_RANK[f[0]]
+
+
+def _draw(options: tuple[tuple[str, str], ...], rand) -> tuple[str, str]:
+  """A filter from `_filter_options`: a motion filter names the direction with
+  probability P_SPECIFIC_MOTION, else reads "moving"."""
+  return options[0] if len(options) == 1 or rand() < P_SPECIFIC_MOTION else options[1]
+
+
+class _FilterTables(dict):
+  """filter capability -> `_Facts.filters`' table for it, made on first lookup."""
+
+  def __init__(self, scene: scene_lib.Scene):
+    super().__init__()
+    self._scene = scene
+
+  def __missing__(self, cap: str) -> tuple:
+    s = self._scene
+    table = self[cap] = tuple(
+      _filter_options(cap, s, i) if _definable(cap, s, i) else None for i in range(len(s.objects))
+    )
+    return table
 
 
 class _Facts:
@@ -99,6 +131,7 @@ class _Facts:
   def __init__(self, scene: scene_lib.Scene):
     objs, n = scene.objects, len(scene.objects)
     self._scene = scene
+    self.n = n
     self._targets: dict[str, list[int]] = {}
     self.aligned_pairs = [
       (i, j)
@@ -126,6 +159,9 @@ class _Facts:
       self.tied_anchors.append(
         [("tied_to", b if a == host else a) for a, b in scene.links if host in (a, b)]
       )
+    # Per filter capability, per object: `_filter_options`, or None where the object has
+    # no such attribute; each table made when first read.
+    self.filters = _FilterTables(scene)
 
   def targets(self, query: str) -> list[int]:
     """The objects an attribute query can be asked about."""
@@ -140,120 +176,185 @@ class _Facts:
     return out
 
 
-@dataclasses.dataclass
-class _Node:
-  obj: int
-  depth: int
-  filters: list[q_lib.Filter] = dataclasses.field(default_factory=list)
-  relation: tuple[str, int] | None = None  # (kind, index of the anchor node)
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a proposal reads of its capability set, per query capability: the queries it
+  may ask, the relation and attribute capabilities left (sorted), and whether it can
+  also describe an anchor. Derived once per set (`_plan`)."""
+
+  query_caps: tuple[str, ...]  # drawn from; just ("counting",) when counting is listed
+  draws_query_cap: bool
+  by_query_cap: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], bool]]
+  filter_caps: tuple[str, ...]
 
 
-def _build(nodes: list[_Node], idx: int) -> q_lib.Description:
-  nd = nodes[idx]
-  filters = tuple(sorted(set(nd.filters), key=lambda f: FILTER_ORDER.index(f.attr)))
-  rel = None
-  if nd.relation is not None:
-    rel = q_lib.Relation(nd.relation[0], _build(nodes, nd.relation[1]))
-  return q_lib.Description(filters, rel)
+@functools.lru_cache(maxsize=2048)
+def _plan(caps: frozenset[str]) -> _Plan:
+  if not caps:
+    raise ValueError("a question needs at least one capability")
+  k = len(caps)
+  by_query_cap = {}
+  for query_cap in caps:
+    options = tuple(
+      q for q in QUERIES_BY_CAPABILITY[query_cap] if q not in q_lib.SCENE_QUERIES or k == 1
+    )
+    rest = caps - {query_cap}
+    rel_caps = tuple(c for c in sorted(rest) if c in RELATION_CAPS)
+    attr_caps = tuple(c for c in sorted(rest) if c not in RELATION_CAPS)
+    on_anchor = query_cap in q_lib.FILTER_CAPABILITY.values()
+    by_query_cap[query_cap] = (options, rel_caps, attr_caps, on_anchor)
+  counting = "counting" in caps
+  return _Plan(
+    query_caps=("counting",) if counting else tuple(sorted(caps)),
+    draws_query_cap=not counting,
+    by_query_cap=by_query_cap,
+    filter_caps=tuple(c for c in sorted(caps) if c in q_lib.FILTER_CAPABILITY.values()),
+  )
+
+
+# A program as nested tuples, equal iff the programs are: ``(query, subject, other)``,
+# each description ``(filters, relation)`` with filters ``((attr, value), ...)`` and the
+# relation ``(kind, anchor description)`` or None. The search builds these (a tuple is
+# made and hashed many times faster than the dataclasses) and skips repeats before
+# making the `q_lib.Program`.
+ProgramKey = tuple
+
+
+def _description_key(nodes: list[list], idx: int) -> tuple:
+  _, _, filters, relation = nodes[idx]
+  if len(filters) > 1:
+    # A node never holds two filters on one attribute, so the order is total.
+    filters = sorted(set(filters), key=_filter_rank)
+  if relation is not None:
+    relation = (relation[0], _description_key(nodes, relation[1]))
+  return tuple(filters), relation
+
+
+def _description(key: tuple | None) -> q_lib.Description | None:
+  if key is None:
+    return None
+  filters, relation = key
+  if relation is not None:
+    relation = q_lib.Relation(relation[0], _description(relation[1]))
+  return q_lib.Description(tuple(q_lib.Filter(a, v) for a, v in filters), relation)
+
+
+def program_from_key(key: ProgramKey) -> q_lib.Program:
+  query, subject, other = key
+  return q_lib.Program(query, _description(subject), _description(other))
 
 
 def propose_program(
   scene: scene_lib.Scene, capabilities: Collection[str], rng: Rand
 ) -> q_lib.Program | None:
   """One random program using exactly ``capabilities`` (unverified), or None."""
-  caps = frozenset(capabilities)
-  k, n = len(caps), len(scene.objects)
-  query_cap = "counting" if "counting" in caps else rng.choice(sorted(caps))
-  options = [q for q in QUERIES_BY_CAPABILITY[query_cap] if q not in q_lib.SCENE_QUERIES or k == 1]
-  query = rng.choice(options)
+  key = _propose(scene, _plan(frozenset(capabilities)), rng)
+  return None if key is None else program_from_key(key)
+
+
+def _propose(scene: scene_lib.Scene, plan: _Plan, rng: Rand) -> ProgramKey | None:
+  # `rng.choice(seq)` is `seq[int(rand() * len(seq))]`, inlined: this is the search's
+  # innermost loop. Every draw happens where and when the plain version made it, since
+  # generation must stay a function of the seed.
+  rand = rng.random
+  if plan.draws_query_cap:
+    query_cap = plan.query_caps[int(rand() * len(plan.query_caps))]
+  else:
+    query_cap = "counting"
+  options, rel_caps, attr_caps, on_anchor = plan.by_query_cap[query_cap]
+  query = options[int(rand() * len(options))]
   if query in q_lib.SCENE_QUERIES:
-    return q_lib.Program(query)
-  rest = caps - {query_cap}
-  rel_caps = [c for c in sorted(rest) if c in RELATION_CAPS]
-  attr_caps = [c for c in sorted(rest) if c not in RELATION_CAPS]
+    return query, None, None
 
   facts = scene.memo("compose", _Facts)
+  # A node is [object, depth, filters, relation (kind, index of the anchor node) or None].
   if query in q_lib.PAIR_QUERIES:
     if query == "relation":  # pairs sharing a row or a column
       pairs = facts.aligned_pairs
-    elif rng.random() < 0.5:  # ask about tied and untied pairs equally often
+    elif rand() < 0.5:  # ask about tied and untied pairs equally often
       pairs = facts.tied_pairs
     else:
       pairs = facts.untied_pairs
     if not pairs:
       return None
-    i, j = rng.choice(pairs)
-    nodes = [_Node(i, 0), _Node(j, 0)]
+    i, j = pairs[int(rand() * len(pairs))]
+    nodes = [[i, 0, [], None], [j, 0, [], None]]
   else:
     targets = facts.targets(query)
     if not targets:
       return None
-    nodes = [_Node(rng.choice(targets), 0)]
+    nodes = [[targets[int(rand() * len(targets))], 0, [], None]]
   roots = len(nodes)
 
-  rng.shuffle(rel_caps)
+  if len(rel_caps) > 1:
+    rel_caps = list(rel_caps)
+    rng.shuffle(rel_caps)
   for cap in rel_caps:
-    open_nodes = [nd for nd in nodes if nd.relation is None and nd.depth < MAX_DEPTH]
+    open_nodes = [nd for nd in nodes if nd[3] is None and nd[1] < MAX_DEPTH]
     if not open_nodes:
       return None
-    host = rng.choice(open_nodes)
-    used = {nd.obj for nd in nodes}
+    host = open_nodes[int(rand() * len(open_nodes))]
+    used = {nd[0] for nd in nodes}
     anchors = facts.spatial_anchors if cap == "spatial_relationship" else facts.tied_anchors
-    opts = [opt for opt in anchors[host.obj] if opt[1] not in used]
+    opts = [opt for opt in anchors[host[0]] if opt[1] not in used]
     if not opts:
       return None
-    kind, a = rng.choice(opts)
-    nodes.append(_Node(a, host.depth + 1))
-    host.relation = (kind, len(nodes) - 1)
+    kind, a = opts[int(rand() * len(opts))]
+    nodes.append([a, host[1] + 1, [], None])
+    host[3] = (kind, len(nodes) - 1)
 
+  filters = facts.filters
   for cap in attr_caps:
-    hosts = [nd for nd in nodes if _definable(cap, scene, nd.obj)]
+    table = filters[cap]
+    hosts = [nd for nd in nodes if table[nd[0]] is not None]
     if not hosts:
       return None
-    chosen = [rng.choice(hosts)]
-    if len(hosts) > 1 and rng.random() < P_SECOND_FILTER:
-      chosen.append(rng.choice([h for h in hosts if h is not chosen[0]]))
-    for nd in chosen:
-      nd.filters.append(_filter(cap, scene, nd.obj, rng))
+    first = hosts[int(rand() * len(hosts))]
+    chosen = [first]
+    if len(hosts) > 1 and rand() < P_SECOND_FILTER:
+      others = [h for h in hosts if h is not first]
+      chosen.append(others[int(rand() * len(others))])
+    for nd in chosen:  # both hosts are drawn before either filter
+      nd[2].append(_draw(table[nd[0]], rand))
 
   # The query's own capability may describe an anchor ("the colour of the object
   # left of the red car"), never the subject, where it would give the answer away.
-  if query_cap in q_lib.FILTER_CAPABILITY.values() and query != "count":
-    anchors = [nd for nd in nodes[roots:] if _definable(query_cap, scene, nd.obj)]
-    if anchors and rng.random() < P_QUERY_CAP_ON_ANCHOR:
-      nd = rng.choice(anchors)
-      nd.filters.append(_filter(query_cap, scene, nd.obj, rng))
+  if on_anchor and query != "count":
+    table = filters[query_cap]
+    anchors = [nd for nd in nodes[roots:] if table[nd[0]] is not None]
+    if anchors and rand() < P_QUERY_CAP_ON_ANCHOR:
+      nd = anchors[int(rand() * len(anchors))]
+      nd[2].append(_draw(table[nd[0]], rand))
   # "the moving object" / "the object with a letter" narrow a motion or letter
   # query without naming its answer.
-  if query in ("letter", "motion"):
+  if query in _PRESENCE:
     subject = nodes[0]
-    if rng.random() < P_PRESENCE_FILTER or (not subject.filters and subject.relation is None):
-      subject.filters.append(q_lib.Filter(query, q_lib.ANY))
+    if rand() < P_PRESENCE_FILTER or (not subject[2] and subject[3] is None):
+      subject[2].append(_PRESENCE[query])
   # A subject or pair object with no constraint is "the object", unique only in a
   # one-object scene: give it a filter from the listed capabilities (the query's
   # own only where it does not give the answer away). An anchor may stay bare: it
   # then reads "another object" and is indefinite.
-  if n > 1:
-    filter_caps = [c for c in sorted(caps) if c in q_lib.FILTER_CAPABILITY.values()]
+  if facts.n > 1:
     for idx, nd in enumerate(nodes):
-      if nd.filters or nd.relation is not None or (idx == 0 and query == "count"):
+      if nd[2] or nd[3] is not None or (idx == 0 and query == "count"):
         continue
+      obj = nd[0]
       is_subject = idx == 0 and query in q_lib.ATTRIBUTE_QUERIES
       opts = [
         c
-        for c in filter_caps
-        if _definable(c, scene, nd.obj) and not (is_subject and c == query_cap)
+        for c in plan.filter_caps
+        if filters[c][obj] is not None and not (is_subject and c == query_cap)
       ]
-      if idx >= roots and (not opts or rng.random() < P_BARE_ANCHOR):
+      if idx >= roots and (not opts or rand() < P_BARE_ANCHOR):
         continue
       if not opts:
         return None
-      cap = rng.choice(opts)
-      nd.filters.append(_filter(cap, scene, nd.obj, rng))
+      nd[2].append(_draw(filters[opts[int(rand() * len(opts))]][obj], rand))
 
   if query in q_lib.PAIR_QUERIES:
-    return q_lib.Program(query, _build(nodes, 0), _build(nodes, 1))
-  return q_lib.Program(query, _build(nodes, 0))
+    return query, _description_key(nodes, 0), _description_key(nodes, 1)
+  return query, _description_key(nodes, 0), None
 
 
 def _feasible_alone(cap: str, scene: scene_lib.Scene) -> bool:
@@ -278,22 +379,34 @@ def _feasible_alone(cap: str, scene: scene_lib.Scene) -> bool:
   return True  # counting, object_interaction ("are any tied?")
 
 
+class _Feasibility:
+  """`feasible`'s conditions, read once per scene (`Scene.memo`)."""
+
+  def __init__(self, scene: scene_lib.Scene):
+    objs = scene.objects
+    self.any_objects = bool(objs)
+    self.alone = {cap: _feasible_alone(cap, scene) for cap in caps_lib.CAPABILITIES}
+    # For k >= 2: the capabilities no question on this scene can use.
+    needs = {
+      "shape": any(o.is_shape for o in objs),
+      "object_recognition": any(not o.is_shape for o in objs),
+      "text_recognition": any(o.letter for o in objs),
+      "action_recognition": any(o.motion for o in objs),
+      "object_interaction": bool(scene.links),
+      "scene_understanding": scene.patch is not None,
+      "spatial_relationship": len(objs) >= 2,
+    }
+    self.unusable = frozenset(c for c, ok in needs.items() if not ok)
+
+
 def feasible(scene: scene_lib.Scene, capabilities: Collection[str]) -> bool:
   """Cheap necessary conditions for some question with these capabilities to exist."""
-  caps, objs = set(capabilities), scene.objects
-  k = len(caps)
-  if k == 1:
-    return bool(objs) and _feasible_alone(next(iter(caps)), scene)
-  needs = {
-    "shape": any(o.is_shape for o in objs),
-    "object_recognition": any(not o.is_shape for o in objs),
-    "text_recognition": any(o.letter for o in objs),
-    "action_recognition": any(o.motion for o in objs),
-    "object_interaction": bool(scene.links) or k == 1,
-    "scene_understanding": scene.patch is not None or (k == 1 and scene.place is not None),
-    "spatial_relationship": len(objs) >= 2,
-  }
-  return bool(objs) and all(needs.get(c, True) for c in caps)
+  caps = set(capabilities)
+  f = scene.memo("feasible", _Feasibility)
+  if len(caps) == 1:
+    cap = next(iter(caps))
+    return f.any_objects and f.alone.get(cap, True)
+  return f.any_objects and f.unusable.isdisjoint(caps)
 
 
 # Answers that verification favours, and the share of them to drop. A random
@@ -320,19 +433,22 @@ def compose_question(
   caps = caps_lib.canonical(capabilities)
   if not feasible(scene, caps):
     return None
-  seen: set[q_lib.Program] = set()
+  listed = frozenset(caps)
+  plan = _plan(listed)
+  seen: set[ProgramKey] = set()
   stale = 0
   for _ in range(max_attempts):
-    program = propose_program(scene, caps, rng)
-    if program is None or program in seen:
+    key = _propose(scene, plan, rng)
+    if key is None or key in seen:
       stale += 1
       if stale >= MAX_STALE_PROPOSALS:
         break  # the small space of programs for this scene is exhausted
       continue
     stale = 0
-    seen.add(program)
-    report = verify_lib.verify_question(scene, program, caps, rng, quick=True)
-    if not report.ok or _rebalance(program, report.answer, rng):
+    seen.add(key)
+    program = program_from_key(key)
+    answer = verify_lib.exact_answer(scene, program, listed)
+    if answer is None or _rebalance(program, answer, rng):
       continue
     report = verify_lib.verify_question(scene, program, caps, rng)
     if report.ok:
@@ -446,9 +562,7 @@ def compose_with_distractors(
     sites = q_lib.constraint_sites(program)
     for _round in range(len(sites) + 1):
       failing = [
-        site
-        for site in sites
-        if q_lib.answer_set(q_lib.without_constraint(program, site.index), s) == {answer}
+        site for site in sites if q_lib.answer_set_without(program, s, index=site.index) == {answer}
       ]
       if not failing:
         break

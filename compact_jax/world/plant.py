@@ -203,7 +203,7 @@ def plant_distractor(
     got, _ = q_lib.resolve(program, s2)
     if got != answer:
       continue
-    if q_lib.answer_set(q_lib.without_constraint(program, drop_idx), s2) == {answer}:
+    if q_lib.answer_set_without(program, s2, index=drop_idx) == {answer}:
       continue
     return s2
   return None

@@ -26,7 +26,8 @@ Two semantics:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from compact_jax.world import scene as scene_lib
@@ -307,34 +308,167 @@ _FILTER_COLUMN = {
 }
 
 
-def _relation_pairs(kind: str) -> Callable[[scene_lib.Scene], frozenset[tuple[int, int]]]:
-  def pairs(scene: scene_lib.Scene) -> frozenset[tuple[int, int]]:
-    n = len(scene.objects)
-    return frozenset(
-      (i, j) for i in range(n) for j in range(n) if relation_holds(scene, kind, i, j)
-    )
+def _bits(mask: int) -> list[int]:
+  """The object indices set in ``mask``, ascending."""
+  out = []
+  while mask:
+    low = mask & -mask
+    out.append(low.bit_length() - 1)
+    mask ^= low
+  return out
 
-  return pairs
+
+class _SceneIndex:
+  """A scene's objects as bitmasks (bit i = object i), for the semantics below.
+
+  Question search evaluates tens of thousands of descriptions per scene; as masks a
+  filter is one ``&`` and a relation one ``|`` per anchor. Everything is built lazily:
+  a scene resolved once (a perturbed copy in verification) pays only for what it reads.
+  Kept on the scene (`Scene.memo`), which is immutable.
+  """
+
+  __slots__ = ("_filters", "_pre", "_related", "_values", "all", "scene")
+
+  def __init__(self, scene: scene_lib.Scene):
+    self.scene = scene
+    self.all = (1 << len(scene.objects)) - 1
+    self._filters: dict[str, dict[str, int]] = {}  # filter attr -> value -> mask
+    self._pre: dict[tuple[str, int], int] = {}  # (kind, a) -> `_preimage`
+    self._related: dict[tuple[str, int], int] = {}
+    self._values: dict[str, tuple[str, ...]] = {}  # attribute query -> value per object
+
+  def filter_mask(self, attr: str, value: str) -> int:
+    """The objects that `Filter(attr, value)` holds for."""
+    masks = self._filters.get(attr)
+    if masks is None:
+      masks = {}
+      # The column straight from the objects: `Scene.column` would keep it on the scene too,
+      # wasted on the many scenes (perturbed copies) that are resolved once.
+      for i, v in enumerate(scene_lib.COLUMNS[_FILTER_COLUMN[attr]](self.scene)):
+        masks[v] = masks.get(v, 0) | 1 << i
+      # Filter.holds: ANY is "has some value", tested before equality.
+      masks[ANY] = self.all & ~masks.get(None, 0)
+      self._filters[attr] = masks
+    return masks.get(value, 0)
+
+  def related(self, kind: str, anchors: int) -> int:
+    """The objects i that stand in ``kind`` to some anchor a != i in ``anchors``."""
+    key = (kind, anchors)
+    out = self._related.get(key)
+    if out is None:
+      out = 0
+      for a in _bits(anchors):
+        pre = self._pre.get((kind, a))
+        if pre is None:
+          pre = self._pre[kind, a] = _preimage(self.scene, kind, a)
+        out |= pre
+      self._related[key] = out
+    return out
+
+  def values(self, query: str) -> tuple[str, ...]:
+    """`attribute_value` of each object."""
+    out = self._values.get(query)
+    if out is None:
+      s = self.scene
+      out = self._values[query] = tuple(attribute_value(query, s, i) for i in range(len(s.objects)))
+    return out
 
 
-_RELATION_PAIRS = {kind: _relation_pairs(kind) for kind in RELATION_CAPABILITY}
+def _preimage(scene: scene_lib.Scene, kind: str, a: int) -> int:
+  """The mask of objects i != a for which `relation_holds(scene, kind, i, a)`."""
+  out = 0
+  if kind == "tied_to":
+    for x, y in scene.links:
+      if x < y:  # `Scene.linked` looks up the sorted pair
+        if y == a:
+          out |= 1 << x
+        elif x == a:
+          out |= 1 << y
+    return out
+  b = scene.objects[a]
+  if kind == "left_of":
+    for i, o in enumerate(scene.objects):
+      if o.row == b.row and o.col < b.col:
+        out |= 1 << i
+  elif kind == "right_of":
+    for i, o in enumerate(scene.objects):
+      if o.row == b.row and o.col > b.col:
+        out |= 1 << i
+  elif kind == "above":
+    for i, o in enumerate(scene.objects):
+      if o.col == b.col and o.row < b.row:
+        out |= 1 << i
+  elif kind == "below":
+    for i, o in enumerate(scene.objects):
+      if o.col == b.col and o.row > b.row:
+        out |= 1 << i
+  else:
+    raise ValueError(f"unknown relation {kind!r}")
+  return out & ~(1 << a)
+
+
+def _index(scene: scene_lib.Scene) -> _SceneIndex:
+  return scene.memo("index", _SceneIndex)
+
+
+def _mask(d: Description, ix: _SceneIndex) -> int:
+  m = ix.all
+  for f in d.filters:
+    m &= ix.filter_mask(f.attr, f.value)
+  if d.relation is not None and m:
+    m &= ix.related(d.relation.kind, _mask(d.relation.anchor, ix))
+  return m
 
 
 def matches(d: Description, scene: scene_lib.Scene) -> frozenset[int]:
   """Objects fitting a description; an anchor counts if any object fits it."""
-  out = range(len(scene.objects))
-  for f in d.filters:
-    col, value = scene.column(_FILTER_COLUMN[f.attr]), f.value
-    if value == ANY:
-      out = [i for i in out if col[i] is not None]
-    else:
-      out = [i for i in out if col[i] == value]
-  if d.relation is not None:
-    anchors = matches(d.relation.anchor, scene)
-    kind = d.relation.kind
-    holds = scene.memo("relation:" + kind, _RELATION_PAIRS[kind])
-    out = [i for i in out if any(a != i and (i, a) in holds for a in anchors)]
-  return frozenset(out)
+  return frozenset(_bits(_mask(d, _index(scene))))
+
+
+def _numbered(p: Program) -> tuple:
+  """The program's descriptions with each constraint numbered as in `iter_constraints`,
+  cached on the program: per root ``(filters, relation)``, where filters are
+  ``((index, capability, attr, value), ...)`` and the relation is ``(index, capability,
+  kind, anchor)`` or None. Lets the checks drop constraints without building programs."""
+  out = p.__dict__.get("_numbered")
+  if out is None:
+    counter = itertools.count()
+
+    def number(d: Description) -> tuple:
+      filters = tuple((next(counter), f.capability, f.attr, f.value) for f in d.filters)
+      rel = d.relation
+      if rel is not None:
+        rel = (next(counter), rel.capability, rel.kind, number(rel.anchor))
+      return filters, rel
+
+    out = p.__dict__["_numbered"] = tuple(number(d) for d in _roots(p))
+  return out
+
+
+def constraint_count(p: Program) -> int:
+  """How many constraints `iter_constraints` yields."""
+  count = 0
+  for filters, rel in _numbered(p):
+    while True:
+      count += len(filters)
+      if rel is None:
+        break
+      count += 1
+      filters, rel = rel[3]
+  return count
+
+
+def _mask_without(nd: tuple, ix: _SceneIndex, capability: str | None, index: int) -> int:
+  filters, rel = nd
+  m = ix.all
+  for i, cap, attr, value in filters:
+    if i != index and cap != capability:
+      m &= ix.filter_mask(attr, value)
+  if rel is not None and m:
+    i, cap, kind, anchor = rel
+    if i != index and cap != capability:
+      m &= ix.related(kind, _mask_without(anchor, ix, capability, index))
+  return m
 
 
 def attribute_value(query: str, scene: scene_lib.Scene, i: int) -> str:
@@ -383,53 +517,74 @@ def scene_value(query: str, scene: scene_lib.Scene) -> str:
   raise ValueError(f"{query!r} is not a scene query")
 
 
+def _answers(query: str, scene: scene_lib.Scene, ix: _SceneIndex, masks: list[int]) -> frozenset:
+  if query in SCENE_QUERIES:
+    return frozenset({scene_value(query, scene)})
+  if query == "count":
+    return frozenset({str(masks[0].bit_count())})
+  if query in PAIR_QUERIES:
+    others = _bits(masks[1])
+    return frozenset(
+      pair_value(query, scene, i, j) for i in _bits(masks[0]) for j in others if i != j
+    )
+  values = ix.values(query)
+  return frozenset(values[i] for i in _bits(masks[0]))
+
+
 def answer_set(p: Program, scene: scene_lib.Scene) -> frozenset[str]:
   """All answers over the charitable readings of a program (module docstring)."""
-  if p.query in SCENE_QUERIES:
-    return frozenset({scene_value(p.query, scene)})
-  if p.query == "count":
-    return frozenset({str(len(matches(p.subject, scene)))})
-  if p.query in PAIR_QUERIES:
-    ms, mo = matches(p.subject, scene), matches(p.other, scene)
-    return frozenset(pair_value(p.query, scene, i, j) for i in ms for j in mo if i != j)
-  return frozenset(attribute_value(p.query, scene, i) for i in matches(p.subject, scene))
+  ix = _index(scene)
+  return _answers(p.query, scene, ix, [_mask(d, ix) for d in _roots(p)])
 
 
-def _unique_anchors(d: Description, scene: scene_lib.Scene) -> str | None:
+def answer_set_without(
+  p: Program, scene: scene_lib.Scene, *, capability: str | None = None, index: int = -1
+) -> frozenset[str]:
+  """``answer_set(without_capability(p, capability), scene)`` or, with ``index``,
+  ``answer_set(without_constraint(p, index), scene)``, without building the program."""
+  ix = _index(scene)
+  masks = [_mask_without(nd, ix, capability, index) for nd in _numbered(p)]
+  return _answers(p.query, scene, ix, masks)
+
+
+def _unique_anchors(d: Description, ix: _SceneIndex) -> str | None:
   if d.relation is None:
     return None
   anchor = d.relation.anchor
-  if anchor == Description():  # "another object": indefinite, any object will do
+  if anchor.filters == () and anchor.relation is None:  # "another object": any will do
     return None
-  n = len(matches(anchor, scene))
+  n = _mask(anchor, ix).bit_count()
   if n != 1:
     return f"anchor {noun_phrase(anchor)!r} fits {n} objects"
-  return _unique_anchors(anchor, scene)
+  return _unique_anchors(anchor, ix)
 
 
 def resolve(p: Program, scene: scene_lib.Scene) -> tuple[str | None, str]:
   """The answer to the program as asked, or (None, why it is not well posed)."""
-  for d in _roots(p):
-    why = _unique_anchors(d, scene)
+  ix = _index(scene)
+  roots = _roots(p)
+  for d in roots:
+    why = _unique_anchors(d, ix)
     if why:
       return None, why
   if p.query in SCENE_QUERIES:
     v = scene_value(p.query, scene)
     return (None, f"{p.query} is undefined in this scene") if v == UNDEFINED else (v, "")
   if p.query == "count":
-    return str(len(matches(p.subject, scene))), ""
+    return str(_mask(p.subject, ix).bit_count()), ""
   ids = []
-  for d in _roots(p):
-    m = matches(d, scene)
-    if len(m) != 1:
-      return None, f"{noun_phrase(d)!r} fits {len(m)} objects"
-    ids.append(next(iter(m)))
+  for d in roots:
+    m = _mask(d, ix)
+    n = m.bit_count()
+    if n != 1:
+      return None, f"{noun_phrase(d)!r} fits {n} objects"
+    ids.append(m.bit_length() - 1)
   if p.query in PAIR_QUERIES:
     if ids[0] == ids[1]:
       return None, "both descriptions fit the same object"
     v = pair_value(p.query, scene, *ids)
   else:
-    v = attribute_value(p.query, scene, ids[0])
+    v = ix.values(p.query)[ids[0]]
   return (None, f"{p.query} is undefined for the object") if v == UNDEFINED else (v, "")
 
 

@@ -11,7 +11,7 @@ numpy generator, so generation stays a function of (seed, split, index).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -22,8 +22,12 @@ T = TypeVar("T")
 class Rand:
   """Uniform draws built on `random.Random.random` only."""
 
+  # One uniform draw in [0, 1): the generator's own bound method, not a wrapper, since the
+  # question search calls it hundreds of thousands of times (and inlines `choice` with it).
+  random: Callable[[], float]
+
   def __init__(self, seed: int):
-    self._random = random.Random(seed).random
+    self.random = self._random = random.Random(seed).random
 
   @classmethod
   def spawn(cls, rng: np.random.Generator | Rand) -> Rand:
@@ -31,9 +35,6 @@ class Rand:
     if isinstance(rng, Rand):
       return rng
     return cls(int(rng.integers(2**63)))
-
-  def random(self) -> float:
-    return self._random()
 
   def integers(self, low: int, high: int | None = None) -> int:
     """One integer in [low, high), or in [0, low) when high is None."""
@@ -44,7 +45,10 @@ class Rand:
     return low + int(self._random() * (high - low))
 
   def choice(self, seq: Sequence[T]) -> T:
-    return seq[self.integers(len(seq))]
+    n = len(seq)  # = seq[self.integers(n)], one call shorter
+    if n == 0:
+      raise ValueError("empty range [0, 0)")
+    return seq[int(self._random() * n)]
 
   def shuffle(self, x: list) -> None:
     for i in range(len(x) - 1, 0, -1):

@@ -136,7 +136,7 @@ class Scene:
   def column(self, attr: str) -> tuple:
     """Per object, in index order: ``color``, ``kind``, ``letter``, ``motion``, ``region``
     or ``ground`` (the ground under it); memoised."""
-    return self.memo("column:" + attr, _COLUMNS[attr])
+    return self.memo("column:" + attr, COLUMNS[attr])
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -180,7 +180,8 @@ class Scene:
 
 
 _MISSING = object()
-_COLUMNS: dict[str, Callable[[Scene], tuple]] = {
+# `Scene.column`'s columns, computed afresh.
+COLUMNS: dict[str, Callable[[Scene], tuple]] = {
   "color": lambda s: tuple(o.color for o in s.objects),
   "kind": lambda s: tuple(o.kind for o in s.objects),
   "letter": lambda s: tuple(o.letter for o in s.objects),

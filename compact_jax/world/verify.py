@@ -32,6 +32,7 @@ picture's ground, and so on. counting reads none: it is only ever a query.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -102,6 +103,13 @@ def _with_objects(scene: Scene, objects) -> Scene:
   return new
 
 
+def _scene_with(scene: Scene, **changes) -> Scene:
+  """``dataclasses.replace(scene, **changes)``, built as in `_with_objects`."""
+  new = _with_objects(scene, scene.objects)
+  new.__dict__.update(changes)
+  return new
+
+
 def _resample_attr(attr: str, choices: Sequence, applies=lambda o: True):
   def fn(scene: Scene, rng: Rand, only: Sequence[int] | None, keep: frozenset) -> Scene:
     del keep
@@ -121,17 +129,24 @@ _OBJECT_ATTRIBUTES: dict[str, tuple[str, Sequence, Callable]] = {}
 def _resample_attributes(scene: Scene, attrs, rng: Rand, only: Sequence[int] | None) -> Scene:
   """All of ``attrs`` resampled at once, one copy per object (perturb's hot path)."""
   objs = list(scene.objects)
+  rand = rng.random
   for i in _pick(len(objs), only):
     o = objs[i]
-    changes = {field: rng.choice(values) for field, values, applies in attrs if applies(o)}
-    if changes:
-      objs[i] = _with(o, **changes)
+    fields = None
+    for field, values, applies in attrs:
+      if applies(o):
+        if fields is None:
+          fields = dict(o.__dict__)
+        fields[field] = values[int(rand() * len(values))]  # = rng.choice(values)
+    if fields is not None:
+      new = objs[i] = _new(scene_lib.WorldObject)
+      new.__dict__.update(fields)
   return _with_objects(scene, objs)
 
 
 def _resample_ground(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -> Scene:
   del only, keep
-  return dataclasses.replace(scene, **scene_lib.sample_ground(rng, scene.grid_size))
+  return _scene_with(scene, **scene_lib.sample_ground(rng, scene.grid_size))
 
 
 def _resample_links(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -> Scene:
@@ -143,11 +158,16 @@ def _resample_links(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -
     b = rng.choice([j for j in (*only[1:], *range(n)) if j != a])
     pair = (min(a, b), max(a, b))
     links = set(scene.links) ^ {pair}
-    return dataclasses.replace(scene, links=tuple(sorted(links)))
-  pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    return _scene_with(scene, links=tuple(sorted(links)))
+  pairs = list(_pairs(n))
   rng.shuffle(pairs)
   links = pairs[: rng.integers(0, min(len(pairs), 2) + 1)]
-  return dataclasses.replace(scene, links=tuple(sorted(links)))
+  return _scene_with(scene, links=tuple(sorted(links)))
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[tuple[int, int], ...]:
+  return tuple((i, j) for i in range(n) for j in range(i + 1, n))
 
 
 def _move_objects(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -> Scene:
@@ -170,22 +190,33 @@ def _move_objects(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -> 
     ids = _pick(len(objs), only)
     taken = {(o.row, o.col) for k, o in enumerate(objs) if k not in ids}
     cells = [(o.row, o.col) for o in objs]
+    keep_region, keep_ground = "spatial_recognition" in keep, "scene_understanding" in keep
+    layout = (g, scene.ground, scene.patch, scene.patch_ground)
+    rand = rng.random
     for i in ids:
-      region = scene.region(i) if "spatial_recognition" in keep else None
-      ground = scene.object_ground(i) if "scene_understanding" in keep else None
-      free = [
-        (r, c)
-        for r in range(g)
-        for c in range(g)
-        if (r, c) not in taken
-        and (region is None or scene_lib.region_name(r, c, g) == region)
-        and (ground is None or scene.ground_at(r, c) == ground)
-      ]
+      region = scene.region(i) if keep_region else None
+      ground = scene.object_ground(i) if keep_ground else None
+      free = [cell for cell in _cells(layout, region, ground) if cell not in taken]
       if not free:
         return scene
-      cells[i] = rng.choice(free)
+      cells[i] = free[int(rand() * len(free))]  # = rng.choice(free)
       taken.add(cells[i])
   return _with_objects(scene, (_with(o, row=r, col=c) for o, (r, c) in zip(objs, cells)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cells(layout: tuple, region: str | None, ground: str | None) -> tuple[tuple[int, int], ...]:
+  """The cells, row-major, in ``region`` and on ``ground`` (None: any) of a ground
+  ``layout`` (grid_size, ground, patch, patch_ground)."""
+  g, base, patch, patch_ground = layout
+  at = Scene(g, base, (), (), patch, patch_ground).ground_at
+  return tuple(
+    (r, c)
+    for r in range(g)
+    for c in range(g)
+    if (region is None or scene_lib.region_name(r, c, g) == region)
+    and (ground is None or at(r, c) == ground)
+  )
 
 
 def _add_or_remove_object(scene: Scene, rng: Rand, only: Sequence[int] | None, keep) -> Scene:
@@ -210,13 +241,13 @@ def _add_or_remove_object(scene: Scene, rng: Rand, only: Sequence[int] | None, k
     letter=rng.choice(scene_lib.LETTERS) if rng.random() < 0.5 else None,
     motion=rng.choice(scene_lib.DIRECTIONS) if rng.random() < 0.5 else None,
   )
-  return dataclasses.replace(scene, objects=(*objs, new))
+  return _scene_with(scene, objects=(*objs, new))
 
 
 def _without_object(scene: Scene, k: int) -> Scene:
   objs = scene.objects[:k] + scene.objects[k + 1 :]
   links = tuple((a - (a > k), b - (b > k)) for a, b in scene.links if k not in (a, b))
-  return dataclasses.replace(scene, objects=objs, links=links)
+  return _scene_with(scene, objects=objs, links=links)
 
 
 _NONE_OR_LETTER = [None, *scene_lib.LETTERS]
@@ -262,7 +293,9 @@ def perturb(
   change = [c for c in change if c not in keep]
   if not change or not scene.objects:
     return None
-  want = {c: FEATURES[c](scene) for c in keep}
+  # The unperturbed scene is perturbed many times (and is often a pool scene, asked
+  # about again and again): its features are kept on it.
+  want = {c: scene.memo("feature:" + c, FEATURES[c]) for c in keep}
   attrs = [_OBJECT_ATTRIBUTES[c] for c in change if c in _OBJECT_ATTRIBUTES]
   others = [c for c in change if c not in _OBJECT_ATTRIBUTES]
   if "spatial_recognition" in others and "spatial_relationship" in others:
@@ -302,7 +335,7 @@ def necessity(scene: Scene, program: q_lib.Program, answer: str) -> dict[str, bo
     if cap == query_cap:
       out[cap] = True
       continue
-    out[cap] = q_lib.answer_set(q_lib.without_capability(program, cap), scene) != {answer}
+    out[cap] = q_lib.answer_set_without(program, scene, capability=cap) != {answer}
   return out
 
 
@@ -310,9 +343,34 @@ def superfluous_constraints(scene: Scene, program: q_lib.Program, answer: str) -
   """Constraints whose removal leaves the answer unambiguous and unchanged."""
   out = []
   for idx, (f, r) in enumerate(q_lib.iter_constraints(program)):
-    if q_lib.answer_set(q_lib.without_constraint(program, idx), scene) == {answer}:
+    if q_lib.answer_set_without(program, scene, index=idx) == {answer}:
       out.append(q_lib.describe_constraint(f, r))
   return out
+
+
+def exact_answer(scene: Scene, program: q_lib.Program, listed: frozenset[str]) -> str | None:
+  """The answer if ``program`` passes the exact checks of `verify_question` for the
+  capabilities ``listed`` (well posed, exactly the listed capabilities, check 1 with
+  minimality, 3a), else None: ``verify_question(..., quick=True)`` reduced to its
+  verdict, stopping at the first failure. The question search screens every proposal
+  with it; the checks draw nothing at random, so the search's draws are unchanged."""
+  answer, _ = q_lib.resolve(program, scene)
+  if answer is None:
+    return None
+  caps = program.capabilities
+  if caps != listed:
+    return None
+  want = {answer}
+  query_cap = q_lib.QUERY_CAPABILITY[program.query]
+  for cap in caps:
+    if cap != query_cap and q_lib.answer_set_without(program, scene, capability=cap) == want:
+      return None
+  for idx in range(q_lib.constraint_count(program)):
+    if q_lib.answer_set_without(program, scene, index=idx) == want:
+      return None
+  if answer_in_text(q_lib.question_text(program), answer):
+    return None
+  return answer
 
 
 def unlisted_changes(
@@ -400,15 +458,15 @@ def _single_edits(scene: Scene, program: q_lib.Program) -> Iterator[Scene]:
       for j in range(len(objs)):
         if j != i:
           pair = (min(i, j), max(i, j))
-          yield dataclasses.replace(scene, links=tuple(sorted(set(scene.links) ^ {pair})))
+          yield _scene_with(scene, links=tuple(sorted(set(scene.links) ^ {pair})))
     if "counting" in caps:
       yield from (_with_objects(scene, (*objs, _with(o, row=r, col=c))) for r, c in free)
   if "scene_understanding" in caps:
     for ground in scene_lib.GROUNDS:
       if ground not in (scene.ground, scene.patch_ground):
-        yield dataclasses.replace(scene, ground=ground)
+        yield _scene_with(scene, ground=ground)
         if scene.patch is not None:
-          yield dataclasses.replace(scene, patch_ground=ground)
+          yield _scene_with(scene, patch_ground=ground)
   if "counting" in caps:
     yield from (_without_object(scene, k) for k in range(len(objs)))
 

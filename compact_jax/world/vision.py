@@ -20,6 +20,11 @@ the heads are dropped.
 Writes ``WORKDIR/vision/``: ``img.npz``, ``report.json`` (per-attribute accuracy on
 the test images' cells; written last, it marks the stage finished) and
 ``accuracy.png``.
+
+``config.vision.objective`` picks the training signal: "cells" (above), "sigmoid"
+(SigLIP's contrastive loss on (train image, caption) pairs, as a real tower is
+pretrained) or "both" (their sum on one tower); the last two live in
+``world/contrastive.py`` and write the same files.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from compact_jax.world import scene as scene_lib
 
 REPORT_FILE = "report.json"
 NPZ_FILE = "img.npz"
+# config.vision.objective values; "sigmoid" and "both" are world/contrastive.py's.
+OBJECTIVES = ("cells", "sigmoid", "both")
 # attribute -> its classes; index 0 of every object attribute means "no object / none".
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
   "ground": scene_lib.GROUNDS,
@@ -124,26 +131,45 @@ def load_split(generate_dir: Path, split: str, image_size: int, limit: int = -1)
   return np.stack(images), np.stack(labels), grid
 
 
+def num_classes() -> int:
+  """Output width of the per-attribute heads (all ATTRIBUTES' classes side by side)."""
+  return sum(len(v) for v in ATTRIBUTES.values())
+
+
+def split_attributes(logits: jax.Array) -> list[jax.Array]:
+  """float[..., num_classes()] -> per attribute float[..., classes]."""
+  sizes = np.cumsum([len(v) for v in ATTRIBUTES.values()])[:-1]
+  return jnp.split(logits, sizes, axis=-1)
+
+
+def cell_loss(logits: list[jax.Array], labels: jax.Array) -> jax.Array:
+  """Sum over attributes of the mean cross-entropy.
+
+  Args:
+    logits: per attribute float32[B, N, classes] (``split_attributes``).
+    labels: int32[B, N, A] class indices under each patch.
+  """
+  return sum(
+    optax.softmax_cross_entropy_with_integer_labels(lg, labels[..., a]).mean()
+    for a, lg in enumerate(logits)
+  )
+
+
 class CellProbe(nnx.Module):
   """The VLM's vision tower plus one linear head per attribute on every patch token."""
 
   def __init__(self, tower: nnx.Module, width: int, *, rngs: nnx.Rngs):
     self.img = tower
-    self.heads = nnx.Linear(width, sum(len(v) for v in ATTRIBUTES.values()), rngs=rngs)
+    self.heads = nnx.Linear(width, num_classes(), rngs=rngs)
 
   def __call__(self, image: jax.Array) -> list[jax.Array]:
     """float32[B, S, S, 3] -> per attribute float32[B, N, classes] logits."""
     z, _ = self.img(image)
-    logits = self.heads(z)
-    sizes = np.cumsum([len(v) for v in ATTRIBUTES.values()])[:-1]
-    return jnp.split(logits, sizes, axis=-1)
+    return split_attributes(self.heads(z))
 
 
 def _loss(model: CellProbe, image, labels):
-  return sum(
-    optax.softmax_cross_entropy_with_integer_labels(lg, labels[..., a]).mean()
-    for a, lg in enumerate(model(image))
-  )
+  return cell_loss(model(image), labels)
 
 
 @nnx.jit(donate_argnums=(0, 1))
@@ -166,7 +192,12 @@ def accuracy(model: CellProbe, images, labels, patch_to_cell, batch: int) -> dic
     pad = batch - len(chunk)
     chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
     preds.append(np.asarray(_predict(model, chunk))[: batch - pad])
-  pred = np.concatenate(preds)
+  return cell_accuracy(np.concatenate(preds), labels, patch_to_cell)
+
+
+def cell_accuracy(pred: np.ndarray, labels: np.ndarray, patch_to_cell: np.ndarray):
+  """Per-attribute accuracy of ``pred`` int[n, N, A] (per patch) against ``labels``
+  int[n, G*G, A] (per cell); object attributes over occupied cells only."""
   truth = labels[:, patch_to_cell]
   occupied = truth[..., 2] > 0
   out = {}
@@ -196,17 +227,59 @@ def _plot(report: dict[str, Any], path: Path) -> None:
   plt.close(fig)
 
 
+def finished_report(config: ml_collections.ConfigDict, report_path: Path) -> dict | None:
+  """The report of a finished run of this stage (None: run it).
+
+  Raises when the finished run used another ``vision.objective``: its tower is not
+  the one the config asks for.
+  """
+  if not report_path.exists() or config.overwrite:
+    return None
+  report = json.loads(report_path.read_text())
+  done = report.get("objective", "cells")  # the "cells" report predates the key
+  if done != config.vision.objective:
+    raise ValueError(
+      f"vision: {report_path} was written with vision.objective={done!r}, but the config "
+      f"asks for {config.vision.objective!r}; pass --overwrite or use another workdir"
+    )
+  logging.info("vision: finished already (%s); pass --overwrite to redo", report_path)
+  return report
+
+
+def write_tower(flat: dict[str, np.ndarray], out: Path) -> Path:
+  """Writes the VLM tower's params (``img/...`` paths) as ``out/img.npz`` in big_vision layout."""
+  from compact_jax.checkpoints import big_vision
+
+  npz = out / NPZ_FILE
+  big_vision.export_npz(flat, str(npz) + ".tmp.npz", {"img/": "params/img/"})
+  os.replace(str(npz) + ".tmp.npz", npz)
+  return npz
+
+
+def write_report(report: dict[str, Any], report_path: Path) -> None:
+  """Writes ``report.json`` atomically; it is written last and marks the stage finished."""
+  tmp = report_path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(report, indent=1))
+  os.replace(tmp, report_path)
+
+
 def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Pretrains ``config.model``'s vision tower on the generate stage's train scenes."""
-  from compact_jax.checkpoints import big_vision
   from compact_jax.train import mesh as mesh_lib
   from compact_jax.train import state as state_lib
 
+  if config.vision.objective not in OBJECTIVES:
+    raise ValueError(
+      f"config.vision.objective={config.vision.objective!r}; choose from {OBJECTIVES}"
+    )
+  if config.vision.objective != "cells":
+    from compact_jax.world import contrastive  # imports this module
+
+    return contrastive.run_contrastive(config, workdir)
   out = vision_dir(workdir)
   report_path = out / REPORT_FILE
-  if report_path.exists() and not config.overwrite:
-    logging.info("vision: finished already (%s); pass --overwrite to redo", report_path)
-    return json.loads(report_path.read_text())
+  if (report := finished_report(config, report_path)) is not None:
+    return report
   out.mkdir(parents=True, exist_ok=True)
   cfg = config.vision
   gen = Path(workdir) / "generate"
@@ -252,11 +325,7 @@ def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     k: np.asarray(v)
     for k, v in mesh_lib.path_names(nnx.to_pure_dict(nnx.state(model.img, nnx.Param))).items()
   }
-  npz = out / NPZ_FILE
-  big_vision.export_npz(
-    {f"img/{k}": v for k, v in flat.items()}, str(npz) + ".tmp.npz", {"img/": "params/img/"}
-  )
-  os.replace(str(npz) + ".tmp.npz", npz)
+  npz = write_tower({f"img/{k}": v for k, v in flat.items()}, out)
   report = {
     "steps": cfg.total_steps,
     "seconds": round(time.time() - t0, 1),
@@ -268,7 +337,5 @@ def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     "npz": str(npz),
   }
   _plot(report, out / "accuracy.png")
-  tmp = report_path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(report, indent=1))
-  os.replace(tmp, report_path)
+  write_report(report, report_path)
   return report

@@ -4,6 +4,7 @@ sharding and merging."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 
@@ -53,6 +54,31 @@ def test_world_backend_runs_offline_and_its_records_are_the_worlds(tmp_path):
   assert checked >= 3
   merged = stages.run_merge(c, tmp_path)
   assert merged["records"] == len(recs)
+
+
+# The world backend's output for the smoke config with 40 pool images (seed 0): the pool's
+# scene file, records and outcomes, each as sorted lines (workers finish images in any
+# order). Computed with the code before the search was sped up (commit 290208f) and checked
+# equal after it, on 2026-11-22: a speed-up must not change a single byte.
+WORLD_BACKEND_DIGEST = "78197906da987a094f123ab17f858ab05c248216fddba3d210127ef5c28fcca8"
+
+
+def test_world_backend_output_is_pinned(tmp_path):
+  c = world_config(world_pool_images=40, fsync=False)
+  c.stages = ("datagen",)
+  rep = stages.run_datagen(c, tmp_path)
+  shard = stages.shard_dir(tmp_path, 0, 1)
+  files = (
+    stages.datagen_dir(tmp_path) / "world_pool" / world_backend.SCENES_FILE,
+    shard / "records.jsonl",
+    shard / "outcomes.jsonl",
+  )
+  digest = hashlib.sha256()
+  for path in files:
+    for line in sorted(path.read_bytes().splitlines()):
+      digest.update(line + b"\n")
+  assert (rep["questions"], rep["statuses"]) == (59, {"accepted": 25, "dropped": 15})
+  assert digest.hexdigest() == WORLD_BACKEND_DIGEST
 
 
 def _world_answer(scene, human) -> str | None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from compact_jax import capabilities as caps_lib
 from compact_jax.datagen import backends as b
 from compact_jax.world import compose as compose_lib
 from compact_jax.world import questions as q_lib
@@ -96,6 +97,8 @@ class WorldBackend:
     self._max_attempts = max_attempts
     # (image, question text) -> program, from generation to verification of one question.
     self._programs: dict[tuple[str, str], q_lib.Program] = {}
+    # Requested capabilities -> the "no question" reply; most generation calls get one.
+    self._no_question: dict[tuple[str, ...], b.Response] = {}
 
   @classmethod
   def from_config(cls, config, context: dict[str, Any]) -> WorldBackend:
@@ -111,16 +114,19 @@ class WorldBackend:
   async def call(self, request: b.Request) -> b.Response:
     scene = self._scene(request)
     if request.kind == "generation":
-      key = json.dumps([self._seed, request.image.sha256, request.capabilities, request.attempt])
-      seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
-      q = compose_lib.compose_question(
-        scene, request.capabilities, Rand(seed), max_attempts=self._max_attempts
-      )
+      q = None
+      # `compose_question` returns None at once for an infeasible set, before any draw:
+      # checking first skips seeding its generator (about half the requested sets are).
+      if compose_lib.feasible(scene, caps_lib.canonical(request.capabilities)):
+        key = json.dumps([self._seed, request.image.sha256, request.capabilities, request.attempt])
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        q = compose_lib.compose_question(
+          scene, request.capabilities, Rand(seed), max_attempts=self._max_attempts
+        )
       if q is None:
-        reply = {"question": "", "answer": "", "capabilities": list(request.capabilities)}
-      else:
-        self._programs[(request.image_rel, q.text)] = q.program
-        reply = {"question": q.text, "answer": q.answer, "capabilities": list(q.capabilities)}
+        return self._no_question_reply(request.capabilities)
+      self._programs[(request.image_rel, q.text)] = q.program
+      reply = {"question": q.text, "answer": q.answer, "capabilities": list(q.capabilities)}
     else:
       program = self._programs.pop((request.image_rel, request.question), None)
       if program is None:
@@ -132,8 +138,19 @@ class WorldBackend:
           "answer_correct": answer == request.answer,
           "reason": f"the scene's answer is {answer!r}" if answer is not None else why,
         }
-    text = json.dumps(reply)
-    return b.Response(text, hashlib.sha256(text.encode()).hexdigest()[:24], 0, 0)
+    return _response(reply)
+
+  def _no_question_reply(self, capabilities: tuple[str, ...]) -> b.Response:
+    resp = self._no_question.get(capabilities)
+    if resp is None:
+      reply = {"question": "", "answer": "", "capabilities": list(capabilities)}
+      resp = self._no_question[capabilities] = _response(reply)
+    return resp
 
   async def aclose(self) -> None:
     return None
+
+
+def _response(reply: dict[str, Any]) -> b.Response:
+  text = json.dumps(reply)
+  return b.Response(text, hashlib.sha256(text.encode()).hexdigest()[:24], 0, 0)
