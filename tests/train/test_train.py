@@ -221,7 +221,8 @@ def test_nan_loss_stops_with_a_clear_message(built, tmp_path, monkeypatch):
   assert loop_lib.latest_checkpoint_step(None, workdir) is None  # nothing bad was saved
 
 
-def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
+def _sigterm_at_step_2(built, tmp_path, monkeypatch):
+  """A fresh copy of ``built`` whose training gets SIGTERM at step 2; (workdir, real batcher)."""
   import shutil
   import signal
 
@@ -238,6 +239,13 @@ def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
     return real(batch, mesh)
 
   monkeypatch.setattr(step_lib, "to_global_batch", preempt_at_step_2)
+  return workdir, real
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
+  import signal
+
+  workdir, real = _sigterm_at_step_2(built, tmp_path, monkeypatch)
   result = loop_lib.run_train(_config(workdir, ckpt_every_steps=100), workdir)
   assert result.preempted and result.final_step == 2
   assert loop_lib.latest_checkpoint_step(None, workdir) == 2
@@ -248,25 +256,10 @@ def test_sigterm_saves_a_checkpoint_and_returns(built, tmp_path, monkeypatch):
 
 def test_a_preempted_stage_stops_the_launcher_before_the_next_stage(built, tmp_path, monkeypatch):
   """An eval (or an experiment's next arm) must never run on a half-trained checkpoint."""
-  import shutil
-  import signal
-
   from compact_jax import main as main_lib
   from compact_jax import runtime
 
-  workdir = str(tmp_path / "term")
-  shutil.copytree(built, workdir)
-  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
-  real = step_lib.to_global_batch
-  calls = {"n": 0}
-
-  def preempt_at_step_2(batch, mesh):
-    calls["n"] += 1
-    if calls["n"] == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real(batch, mesh)
-
-  monkeypatch.setattr(step_lib, "to_global_batch", preempt_at_step_2)
+  workdir, _ = _sigterm_at_step_2(built, tmp_path, monkeypatch)
   config = _config(workdir, ckpt_every_steps=100)
   with config.unlocked():
     config.stages = ("train", "eval")
