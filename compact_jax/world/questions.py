@@ -282,18 +282,20 @@ def relation_holds(scene: scene_lib.Scene, kind: str, i: int, j: int) -> bool:
   Spatial relations are read along a row or column, as one reads a grid: "left
   of the car" is in the car's row, anywhere to its left; "above" in its column.
   """
-  a, b = scene.objects[i], scene.objects[j]
-  if kind == "left_of":
-    return a.row == b.row and a.col < b.col
-  if kind == "right_of":
-    return a.row == b.row and a.col > b.col
-  if kind == "above":
-    return a.col == b.col and a.row < b.row
-  if kind == "below":
-    return a.col == b.col and a.row > b.row
+  if kind in _GRID_RELATIONS:
+    return _GRID_RELATIONS[kind](scene.objects[i], scene.objects[j])
   if kind == "tied_to":
     return scene.linked(i, j)
   raise ValueError(f"unknown relation {kind!r}")
+
+
+# kind -> whether object a is `kind` object b, read along b's row or column.
+_GRID_RELATIONS = {
+  "left_of": lambda a, b: a.row == b.row and a.col < b.col,
+  "right_of": lambda a, b: a.row == b.row and a.col > b.col,
+  "above": lambda a, b: a.col == b.col and a.row < b.row,
+  "below": lambda a, b: a.col == b.col and a.row > b.row,
+}
 
 
 # The `Scene.column` each filter attribute reads.
@@ -386,24 +388,12 @@ def _preimage(scene: scene_lib.Scene, kind: str, a: int) -> int:
           out |= 1 << y
     return out
   b = scene.objects[a]
-  if kind == "left_of":
-    for i, o in enumerate(scene.objects):
-      if o.row == b.row and o.col < b.col:
-        out |= 1 << i
-  elif kind == "right_of":
-    for i, o in enumerate(scene.objects):
-      if o.row == b.row and o.col > b.col:
-        out |= 1 << i
-  elif kind == "above":
-    for i, o in enumerate(scene.objects):
-      if o.col == b.col and o.row < b.row:
-        out |= 1 << i
-  elif kind == "below":
-    for i, o in enumerate(scene.objects):
-      if o.col == b.col and o.row > b.row:
-        out |= 1 << i
-  else:
+  if kind not in _GRID_RELATIONS:
     raise ValueError(f"unknown relation {kind!r}")
+  holds = _GRID_RELATIONS[kind]
+  for i, o in enumerate(scene.objects):
+    if holds(o, b):
+      out |= 1 << i
   return out & ~(1 << a)
 
 
