@@ -119,6 +119,21 @@ def project(
     a, b, sliced = a[index], b[index], False
   slice_shape = w.shape[1:] if sliced else w.shape
   xa_eqn, delta_eqn = lora_einsums(eqn, spec.in_axes, sliced=sliced)
+  # The token dims (x's leading letters that W lacks) are merged into one, so the
+  # adapter's einsums are plain 2-D matmuls: with [B, T] kept apart, XLA:CPU's
+  # layout assignment transposed the [B, T, F] output gradient for B's gradient
+  # through a strided copy that cost more than the rest of the layer (issue 7).
+  xs, ws = eqn.split("->")[0].split(",")
+  tok = 0
+  while tok < len(xs) and xs[tok] not in ws:
+    tok += 1
+  toks = xs[:tok]
+  if tok > 1 and all(e.count(toks) == 2 for e in (xa_eqn, delta_eqn)):
+    tl = next(c for c in "MLJPUV" if c not in eqn)
+    xa_eqn, delta_eqn = xa_eqn.replace(toks, tl), delta_eqn.replace(toks, tl)
+    x = x.reshape((-1, *x.shape[tok:]))
+  else:
+    tok = 0
   in_dims = tuple(slice_shape[i] for i in spec.in_axes)
   out_dims = tuple(d for i, d in enumerate(slice_shape) if i not in spec.in_axes)
   lead, r = a.shape[:-2], a.shape[-1]
@@ -126,10 +141,11 @@ def project(
   b = b.reshape((*lead, r, *out_dims)).astype(dtype)
   xa = jnp.einsum(xa_eqn, x, a) * jnp.asarray(spec.scale, dtype)
   if lora_mask is not None:
-    # xa is float[B, T, ..., r]: zeroing a token's row zeroes its delta.
-    m = lora_mask.reshape(lora_mask.shape + (1,) * (xa.ndim - lora_mask.ndim))
+    # xa is float[B*T, ..., r]: zeroing a token's row zeroes its delta.
+    mask = lora_mask.reshape((-1,) if tok > 1 else lora_mask.shape)
+    m = mask.reshape(mask.shape + (1,) * (xa.ndim - mask.ndim))
     xa = jnp.where(m, xa, jnp.zeros((), xa.dtype))
-  return y + jnp.einsum(delta_eqn, xa, b)
+  return y + jnp.einsum(delta_eqn, xa, b).reshape(y.shape)
 
 
 def lora_einsums(eqn: str, in_axes: tuple[int, ...], *, sliced: bool = False) -> tuple[str, str]:
