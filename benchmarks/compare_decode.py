@@ -35,7 +35,9 @@ import compare_train  # noqa: E402
 import specs  # noqa: E402
 
 
-def run_jax_worker(spec: specs.Spec, batch: int, prompt_text: int, new_tokens: int, reps: int):
+def run_jax_worker(
+  spec: specs.Spec, batch: int, prompt_text: int, new_tokens: int, reps: int, scan_layers: bool
+):
   import jax
   import numpy as np
   from flax import nnx
@@ -43,7 +45,7 @@ def run_jax_worker(spec: specs.Spec, batch: int, prompt_text: int, new_tokens: i
   from compact_jax.eval import decode
   from compact_jax.train import state as state_lib
 
-  config = specs.jax_config(spec)
+  config = specs.jax_config(spec, scan_layers=scan_layers)
   config.model.lora.targets = ()
   model = state_lib.build_model(
     config.model, vocab_size=spec.vocab_size, image_size=spec.image_size, seed=0
@@ -84,10 +86,13 @@ def compare(args) -> list[str]:
   threads = len(cores.split(","))
   common = ["--size", args.size, "--prompt_text", str(args.prompt_text),
             "--new_tokens", str(args.new_tokens), "--reps", str(args.reps)]  # fmt: skip
+  if args.scan_layers:
+    common.append("--scan_layers")
   lines = [
     f"# decode {args.size}: prompt {spec.image_tokens} image + {args.prompt_text} text tokens, "
     f"{args.new_tokens} new tokens, greedy, prefill included; cores {cores}, "
-    f"{args.runs} alternating runs x {args.reps} calls"
+    f"{args.runs} alternating runs x {args.reps} calls; "
+    f"jax layers {'scanned' if args.scan_layers else 'unrolled'}"
   ]
   for b in args.batches:
     results: dict[str, list[dict]] = {"jax": [], "hf_generate": []}
@@ -126,12 +131,18 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--reps", type=int, default=3, help="timed calls per process")
   ap.add_argument("--cores", default=None)
   ap.add_argument("--quick", action="store_true", help="1 run, 2 calls")
+  ap.add_argument("--scan_layers", action="store_true", help="jax: scan the layer stack")
   ap.add_argument("--worker", choices=("jax",), default=None, help=argparse.SUPPRESS)
   ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
     out = run_jax_worker(
-      specs.get_spec(args.size), args.batch, args.prompt_text, args.new_tokens, args.reps
+      specs.get_spec(args.size),
+      args.batch,
+      args.prompt_text,
+      args.new_tokens,
+      args.reps,
+      args.scan_layers,
     )
     print(json.dumps(out))
     return

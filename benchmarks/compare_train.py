@@ -38,14 +38,14 @@ sys.path.insert(0, str(REPO))
 import specs  # noqa: E402
 
 
-def run_jax_worker(spec: specs.Spec, steps: int, warmup: int) -> dict:
+def run_jax_worker(spec: specs.Spec, steps: int, warmup: int, scan_layers: bool) -> dict:
   import jax
 
   from compact_jax.train import mesh as mesh_lib
   from compact_jax.train import state as state_lib
   from compact_jax.train import step as step_lib
 
-  config = specs.jax_config(spec)
+  config = specs.jax_config(spec, scan_layers=scan_layers)
   mesh = mesh_lib.make_mesh(config.mesh)
   setup, init_fn = state_lib.setup_state(config, vocab_size=spec.vocab_size, mesh=mesh)
   state = init_fn()
@@ -110,10 +110,12 @@ def summarize(values: list[float]) -> tuple[float, float, float]:
   return statistics.median(values), min(values), max(values)
 
 
-def side_argv(side: str, size: str, steps: int, warmup: int, threads: int) -> list[str]:
+def side_argv(
+  side: str, size: str, steps: int, warmup: int, threads: int, scan_layers: bool = False
+) -> list[str]:
   if side == "jax":
     return [__file__, "--worker", "jax", "--size", size, "--steps", str(steps),
-            "--warmup", str(warmup)]  # fmt: skip
+            "--warmup", str(warmup)] + (["--scan_layers"] if scan_layers else [])  # fmt: skip
   mode = side.removeprefix("hf_")
   return [str(HERE / "torch_peer.py"), "train", "--size", size, "--mode", mode,
           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]  # fmt: skip
@@ -128,7 +130,8 @@ def compare(args) -> list[str]:
   results: dict[str, list[dict]] = {s: [] for s in sides}
   for r in range(args.runs):
     for side in sides:
-      out = run_pinned(side_argv(side, args.size, args.steps, args.warmup, threads), cores, 3600)
+      argv = side_argv(side, args.size, args.steps, args.warmup, threads, args.scan_layers)
+      out = run_pinned(argv, cores, 3600)
       results[side].append(out)
       print(f"  run {r} {side}: {out['step_ms']:.1f} ms/step, first step "
             f"{out['first_step_s']:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
@@ -146,7 +149,8 @@ def compare(args) -> list[str]:
   lines = [
     f"# {args.size}: B={spec.batch_size} S={spec.seq_len} ({spec.image_tokens} image tokens), "
     f"{results['jax'][0]['params']:,} params, model FLOPs/step {flops / 1e9:.2f} G; "
-    f"cores {cores}, {args.runs} alternating runs x {args.steps} steps, roofline {roof:.0f} GFLOP/s",
+    f"cores {cores}, {args.runs} alternating runs x {args.steps} steps, roofline {roof:.0f} GFLOP/s"
+    f"; jax layers {'scanned' if args.scan_layers else 'unrolled'}",
     f"# FLOPs: {specs.FLOP_FORMULA}",
   ]
   for peer in sides[1:]:
@@ -173,10 +177,12 @@ def main(argv: list[str] | None = None) -> None:
   ap.add_argument("--no_compile", action="store_true", help="skip HF + torch.compile")
   ap.add_argument("--roofline", type=float, default=0.0, help="GFLOP/s; 0 = measure")
   ap.add_argument("--quick", action="store_true", help="tiny, 1 run, 3 steps, no compile")
+  ap.add_argument("--scan_layers", action="store_true", help="jax: scan the layer stacks")
   ap.add_argument("--worker", choices=("jax",), default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.worker:
-    print(json.dumps(run_jax_worker(specs.get_spec(args.size), args.steps, args.warmup)))
+    spec = specs.get_spec(args.size)
+    print(json.dumps(run_jax_worker(spec, args.steps, args.warmup, args.scan_layers)))
     return
   if args.quick:
     args.size, args.runs, args.steps, args.warmup, args.no_compile = "tiny", 1, 3, 1, True

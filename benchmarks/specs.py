@@ -174,7 +174,7 @@ def jax_variants(spec: Spec):
   return vit, lm
 
 
-def jax_config(spec: Spec):
+def jax_config(spec: Spec, *, scan_layers: bool = False):
   """The ``configs/base.py`` config that trains the spec's model with LoRA (one device)."""
   from configs import base
 
@@ -189,7 +189,10 @@ def jax_config(spec: Spec):
   c.model.connector = "mlp2x_gelu"  # LLaVA-1.5's projector, HF's LlavaMultiModalProjector
   # HF's vision_feature_layer=-1 reads the last block's output; both sides run every block.
   c.model.vit_output_layer = -1
-  c.model.scan_layers = True
+  # Four layers run unrolled by default, as configs/tiny_world.py runs them: on XLA:CPU a
+  # scanned stack pays dynamic slices of the stacked weights and residuals in every layer
+  # (``--scan_layers`` in the compare scripts measures it). Real models keep scan.
+  c.model.scan_layers = scan_layers
   c.model.lora.targets = JAX_TARGETS
   c.model.lora.rank = LORA_RANK
   c.model.lora.alpha = LORA_ALPHA
