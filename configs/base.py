@@ -75,6 +75,12 @@ def train_phase() -> ml_collections.ConfigDict:
   # first eval_examples questions of config.eval.split; metrics go to the same logs.
   t.eval_every_steps = 0
   t.eval_examples = 32
+  # Benchmarks of compact_jax/eval/benchmarks the eval hook also runs every
+  # eval_every_steps ("mme,pope" or a tuple; () = none), on the first eval_examples
+  # questions of each, exactly as the benchmarks stage would with config.bench (which
+  # the config must then have: configs/eval.py bench_config()). Metrics are logged as
+  # eval/<benchmark>/<metric>, e.g. best_metric "eval/pope/headline".
+  t.eval_benchmarks = ml_collections.FieldReference((), field_type=object)
   return t
 
 

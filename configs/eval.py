@@ -16,6 +16,10 @@ The model architecture, chat template and image size come from the checkpoint's
 metadata, so only ``checkpoint`` must be given. Benchmark files live under
 ``bench.data_dir/<name>/``; a missing benchmark fails with the files to place
 there and where they come from (nothing is downloaded).
+
+A training config runs benchmarks every N steps with the same ``bench`` section:
+``c.bench = bench_config()`` plus ``c.train.eval_benchmarks`` and ``eval_every_steps``
+(configs/base.py).
 """
 
 from __future__ import annotations
@@ -67,17 +71,12 @@ def llm_config(backend: str, *, model: str, structured_output: bool) -> ml_colle
   return c
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  names, rest = _split_arg(arg)
-  a = configlib.parse_arg(rest, **_FLAGS)
-  c = base.get_config()
-  c.stages = ("benchmarks",)
-  # The workdir (or its train/checkpoints dir) whose latest checkpoint is evaluated;
-  # "" = --workdir itself.
-  c.checkpoint = ""
-
-  b = c.bench = ml_collections.ConfigDict()
-  b.benchmarks = names or COMPACT_TABLE
+def bench_config(judge: str = "openai") -> ml_collections.ConfigDict:
+  """The ``bench`` section: the benchmarks stage's settings, and those of the trainer's
+  periodic benchmarks (``config.train.eval_benchmarks``): a training config that runs
+  benchmarks adds ``c.bench = eval_config.bench_config()``."""
+  b = ml_collections.ConfigDict()
+  b.benchmarks = COMPACT_TABLE
   b.data_dir = "~/compact_jax_data/benchmarks"  # <data_dir>/<benchmark>/...
   b.output_dir = "benchmarks"  # under the workdir
   b.max_examples = -1  # per benchmark; -1 = all
@@ -99,9 +98,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   b.world_split = "test"  # the tinyworld benchmark's split of the checkpoint's workdir
   # The judge of MM-Vet and LLaVA-W (lmms-eval's default model) and the k-tagger
   # (COMPACT annotated k with Gemini-2.0-Flash); keys as in configs/datagen.py.
-  b.judge = llm_config(a.judge, model="gpt-4o-2024-11-20" if a.judge == "openai"
+  b.judge = llm_config(judge, model="gpt-4o-2024-11-20" if judge == "openai"
                        else "gemini-2.5-flash", structured_output=False)  # fmt: skip
   b.judge_reasks = 1  # re-asks of an unparseable judge reply before it counts as missing
+  # Send the benchmark image to the judge too. lmms-eval's MM-Vet and LLaVA-W judges read
+  # text only (LLaVA-W: the captions); a judge that sees the image may grade differently.
+  b.judge_sees_image = False
   b.tag_k = False  # tag benchmark questions with k (costs one tagger call per question)
   b.tagger = llm_config("gemini", model="gemini-2.0-flash", structured_output=True)
   b.k_top_bucket = 5  # k >= this is pooled into one bucket
@@ -110,7 +112,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   b.baseline_results = ""
   b.baseline_name = "baseline"
   b.run_name = ""  # the table's row label; "" = the checkpoint path
+  return b
 
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  names, rest = _split_arg(arg)
+  a = configlib.parse_arg(rest, **_FLAGS)
+  c = base.get_config()
+  c.stages = ("benchmarks",)
+  # The workdir (or its train/checkpoints dir) whose latest checkpoint is evaluated;
+  # "" = --workdir itself.
+  c.checkpoint = ""
+  b = c.bench = bench_config(a.judge)
+  if names:
+    b.benchmarks = names
   if a.smoke:
     b.max_examples = 8
     b.batch_size = 4

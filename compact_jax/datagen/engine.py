@@ -211,7 +211,8 @@ def cache_key(backend: str, model: str, request: b.Request, params: dict[str, An
       backend,
       model,
       prompts_lib.PROMPT_VERSION,
-      request.image.sha256,
+      # A text-only request (an evaluation judge) has no image to hash.
+      request.image.sha256 if request.image is not None else None,
       request.cache_payload(),
       params,
     ],
@@ -655,6 +656,38 @@ class Engine:
         self._progress(force=True)
         self._bar.close()
     return self.stop_reason
+
+
+# --- single calls outside the per-image loop (evaluation judges, the k-tagger) ----------------
+
+
+def call_engine(
+  backend: b.Backend,
+  settings: EngineSettings,
+  *,
+  cache: ResponseCache | None,
+  backend_params: dict[str, Any],
+) -> Engine:
+  """An engine for one-off requests made with ``call_once``: the cache, rate limits,
+  retries and budget apply; datagen's per-image loop (recipe, shard files) is absent, so
+  ``run`` and ``process_image`` must not be called on it."""
+  return Engine(
+    backend, None, settings, image_root=pathlib.Path("."), files=None, cache=cache,
+    backend_params=backend_params,
+  )  # fmt: skip
+
+
+async def call_once(engine: Engine, request: b.Request) -> tuple[b.Response, bool]:
+  """(reply, served from the cache) for one request through ``engine``.
+
+  Raises:
+    ImageFailed: the request failed for good (retries exhausted, or rejected).
+    BudgetExhausted: a budget cap was reached.
+    backends.FatalError: no request can succeed (bad key, unknown model).
+  """
+  st = _ImageState(request.image_rel)
+  resp = await engine.call(request, st)
+  return resp, bool(st.usage["cached"])
 
 
 def _hash(text: str) -> str:

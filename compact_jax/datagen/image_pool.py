@@ -99,6 +99,16 @@ def prepare_image(path: pathlib.Path, *, max_side: int, max_pixels: int) -> Prep
     raw = path.read_bytes()
   except OSError as e:
     raise ImageError(f"unreadable: {e.strerror or e}") from None
+  return prepare_image_bytes(raw, max_side=max_side, max_pixels=max_pixels)
+
+
+def prepare_image_bytes(raw: bytes, *, max_side: int, max_pixels: int) -> PreparedImage:
+  """``prepare_image`` for encoded bytes already in memory (benchmark images in TSV or
+  parquet files, which have no path): the same checks, downscaling and re-encoding.
+
+  Raises:
+    ImageError: corrupt, unsupported or larger than ``max_pixels``.
+  """
   digest = hashlib.sha256(raw).hexdigest()
   try:
     with warnings.catch_warnings():

@@ -11,9 +11,11 @@ Writes ``WORKDIR/<bench.output_dir>/``:
 
 ``run_benchmarks(config, workdir)`` loads the latest checkpoint of
 ``config.checkpoint`` (model architecture, template and image size from its
-metadata); ``evaluate_model`` runs on params already in memory (the trainer's
-periodic evaluation). Generation is greedy by default with left-padded,
-length-bucketed batches, so results do not depend on ``bench.batch_size``.
+metadata); ``evaluate_model`` runs on params already in memory. The trainer's
+periodic evaluation (``config.train.eval_benchmarks``, train/loop.py) uses
+``PeriodicBenchmarks``: the same loading, prompts, decoders and scoring, reduced to
+scalar metrics. Generation is greedy by default with left-padded, length-bucketed
+batches, so results do not depend on ``bench.batch_size``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +38,7 @@ import numpy as np
 from compact_jax.data import image as image_lib
 from compact_jax.data import template as template_lib
 from compact_jax.data.tokenizer import Tokenizer
+from compact_jax.datagen import backends as backends_lib
 from compact_jax.eval import benchmarks as benchmarks_lib
 from compact_jax.eval import decode as decode_lib
 from compact_jax.eval import kstrat
@@ -142,6 +145,40 @@ class Generator:
     return outputs
 
 
+def parse_names(value: str | Sequence[str]) -> tuple[str, ...]:
+  """Benchmark names from "mme,pope" or ("mme", "pope"); unknown names raise."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  names = tuple(n.strip() for n in items if str(n).strip())
+  for name in names:
+    benchmarks_lib.get(name)
+  if len(set(names)) != len(names):
+    raise ValueError(f"Benchmark names repeat: {list(names)}")
+  return names
+
+
+def max_new_tokens(bench: core.Benchmark, bench_cfg: ml_collections.ConfigDict) -> int:
+  """The benchmark's own budget, capped by ``bench.max_new_tokens`` when that is >= 0."""
+  cap = int(bench_cfg.max_new_tokens)
+  return bench.max_new_tokens if cap < 0 else min(bench.max_new_tokens, cap)
+
+
+def score_outputs(
+  bench: core.Benchmark,
+  examples: Sequence[core.Example],
+  outputs: Sequence[str],
+  bench_cfg: ml_collections.ConfigDict,
+  judge_client: Callable[[], judge_lib.LLMClient],
+) -> list[core.Scored]:
+  """One Scored per output: the benchmark's metric, or its LLM judge (``judge_client``
+  is called only for judged benchmarks, so the client is built only when needed)."""
+  if bench.judged:
+    return judged.JUDGES[bench.name](
+      examples, outputs, judge_client(), reasks=int(bench_cfg.judge_reasks),
+      sees_image=bool(bench_cfg.judge_sees_image),
+    )  # fmt: skip
+  return [bench.score(e, o) for e, o in zip(examples, outputs)]
+
+
 def options_from_config(config: ml_collections.ConfigDict) -> core.Options:
   b = config.bench
   return core.Options(textvqa_ocr=bool(b.textvqa_ocr), mmvet_pre_prompt=str(b.mmvet_pre_prompt),
@@ -168,6 +205,23 @@ def load_examples(
       examples = examples[: config.bench.max_examples]
     out[name] = examples
   return out
+
+
+def write_predictions(
+  path: pathlib.Path,
+  examples: Sequence[core.Example],
+  outputs: Sequence[str],
+  scores: Sequence[core.Scored],
+  ks: Sequence[int | None] = (),
+) -> None:
+  """One JSON line per question: prompt, raw output, parsed answer, score (null =
+  missing), reference, k, meta and the scorer's extras (judge reply, ...)."""
+  with open(path, "w", encoding="utf-8") as f:
+    for i, (e, o, s) in enumerate(zip(examples, outputs, scores)):
+      row = {"id": e.id, "prompt": e.prompt, "output": o, "parsed": s.parsed, "score": s.score,
+             "answer": e.answer, "k": ks[i] if ks else None,
+             "meta": {k: v for k, v in e.meta.items() if k != "caption"}, **dict(s.extra)}  # fmt: skip
+      f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -197,6 +251,12 @@ def evaluate_model(
   generate = Generator(model, b)
   cache = out / b.cache_file
   judge_client = tagger = None
+
+  def get_judge() -> judge_lib.LLMClient:
+    nonlocal judge_client
+    judge_client = judge_client or judge_lib.LLMClient(b.judge, cache)
+    return judge_client
+
   results: dict[str, Any] = {
     "harness_version": HARNESS_VERSION,
     "checkpoint": checkpoint,
@@ -208,22 +268,18 @@ def evaluate_model(
   for name in names:
     bench = benchmarks_lib.get(name)
     examples = all_examples[name]
-    max_new = (
-      bench.max_new_tokens if b.max_new_tokens < 0 else min(bench.max_new_tokens, b.max_new_tokens)
-    )
+    max_new = max_new_tokens(bench, b)
     t0 = time.time()
     with jax.set_mesh(model.mesh) if model.mesh is not None else contextlib.nullcontext():
       outputs = generate(examples, max_new, desc=name)
     gen_s = time.time() - t0
-    if bench.judged:
-      judge_client = judge_client or judge_lib.LLMClient(b.judge, cache)
-      scores = judged.JUDGES[name](examples, outputs, judge_client, reasks=int(b.judge_reasks))
-    else:
-      scores = [bench.score(e, o) for e, o in zip(examples, outputs)]
+    scores = score_outputs(bench, examples, outputs, b, get_judge)
     metrics = bench.aggregate(examples, scores)
     entry: dict[str, Any] = {"title": bench.title, "headline": metrics["headline"],
                              "n": len(examples), "max_new_tokens": max_new,
                              "generation_seconds": round(gen_s, 2), "metrics": metrics}  # fmt: skip
+    if bench.judged:
+      entry["judge_sees_image"] = bool(b.judge_sees_image)
     ks: list[int | None]
     if name == "tinyworld":
       ks = [e.meta["k"] for e in examples]
@@ -237,12 +293,7 @@ def evaluate_model(
       ks = []
     if ks:
       entry["by_k"] = kstrat.accuracy_by_k(ks, [s.score for s in scores], top=int(b.k_top_bucket))
-    with open(out / "predictions" / f"{name}.jsonl", "w", encoding="utf-8") as f:
-      for i, (e, o, s) in enumerate(zip(examples, outputs, scores)):
-        row = {"id": e.id, "prompt": e.prompt, "output": o, "parsed": s.parsed, "score": s.score,
-               "answer": e.answer, "k": ks[i] if ks else None,
-               "meta": {k: v for k, v in e.meta.items() if k != "caption"}, **dict(s.extra)}  # fmt: skip
-        f.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
+    write_predictions(out / "predictions" / f"{name}.jsonl", examples, outputs, scores, ks)
     results["benchmarks"][name] = _jsonable(entry)
     logging.info(
       "benchmark %s: %s = %s (n=%d)", name, bench.title, metrics["headline"], len(examples)
@@ -431,6 +482,101 @@ def load_model(
   model = LoadedModel(graphdef, params, tokenizer, template_lib.TEMPLATES[cfg.data.template],
                       cfg.data.image_size, mesh)  # fmt: skip
   return model, {"path": str(ckpt_workdir), "step": step, "id": f"{ckpt_workdir}@{step}"}
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+  """The top-level numbers of a benchmark's metrics dict (``headline`` and its
+  siblings; nested tables and missing values are left out)."""
+  return {k: float(v) for k, v in metrics.items()
+          if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+
+
+class PeriodicBenchmarks:
+  """Benchmarks on params in memory, every N training steps (train/loop.py's eval hook).
+
+  The stage's code path throughout: ``load_examples`` (prompts, ``config.bench.data_dir``,
+  the tinyworld split of ``checkpoint_workdir``), ``Generator`` (bucketed, left-padded
+  batches; one decoder per (max_new_tokens, bucket), compiled on the first call and
+  shared by every later one), ``score_outputs`` (judges included) and each benchmark's
+  ``aggregate``. Data is loaded here, so missing benchmark files raise ``MissingData``
+  before training starts.
+
+  Args:
+    config: a config with a ``bench`` section (configs/eval.py ``bench_config``).
+    names: the benchmarks to run.
+    checkpoint_workdir: the training workdir (its built split is ``tinyworld``'s).
+    tokenizer, template, image_size, mesh: how the trainer feeds the model.
+    max_examples: the first this many questions of each benchmark (<= 0: all that
+      ``config.bench.max_examples`` leaves).
+    out_dir: each call writes ``<out_dir>/<step>/<benchmark>.jsonl`` predictions and
+      keeps the judge cache here; None writes nothing.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    names: Sequence[str],
+    *,
+    checkpoint_workdir: str | os.PathLike,
+    tokenizer: Tokenizer,
+    template: template_lib.ChatTemplate,
+    image_size: int,
+    mesh: Any,
+    max_examples: int,
+    out_dir: str | os.PathLike | None,
+  ):
+    self.bench_cfg = ml_collections.ConfigDict(config.bench.to_dict())
+    self.bench_cfg.progress = False  # the training log reports the eval instead
+    self.names = list(names)
+    self.examples = load_examples(config, self.names, checkpoint_workdir=checkpoint_workdir)
+    if max_examples > 0:
+      self.examples = {n: v[:max_examples] for n, v in self.examples.items()}
+    for name, examples in self.examples.items():
+      if not examples:
+        raise ValueError(f"Benchmark {name!r} has no questions under {config.bench.data_dir}")
+    self._model_parts = (tokenizer, template, image_size, mesh)
+    self.out_dir = pathlib.Path(out_dir) if out_dir is not None else None
+    self._judge: judge_lib.LLMClient | None = None
+    self._decoders: set[decode_lib.Decoder] = set()
+    if any(benchmarks_lib.get(n).judged for n in self.names):
+      # A judge that cannot work (the world oracle, no API key) fails before training.
+      self._judge_client()
+      backends_lib.api_key(self.bench_cfg.judge)
+
+  def _judge_client(self) -> judge_lib.LLMClient:
+    if self._judge is None:
+      cache = self.out_dir / self.bench_cfg.cache_file if self.out_dir is not None else None
+      if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+      self._judge = judge_lib.LLMClient(self.bench_cfg.judge, cache)
+    return self._judge
+
+  @property
+  def num_traces(self) -> int:
+    """Traces of every decoder these benchmarks used: constant after the first call."""
+    return sum(d.num_traces for d in self._decoders)
+
+  def __call__(self, graphdef: Any, params: Any, *, step: int) -> dict[str, float]:
+    """``<benchmark>/<metric>`` for every scalar metric of every benchmark."""
+    tokenizer, template, image_size, mesh = self._model_parts
+    model = LoadedModel(graphdef, params, tokenizer, template, image_size, mesh)
+    generate = Generator(model, self.bench_cfg)
+    out: dict[str, float] = {}
+    for name in self.names:
+      bench = benchmarks_lib.get(name)
+      examples = self.examples[name]
+      max_new = max_new_tokens(bench, self.bench_cfg)
+      self._decoders.add(generate.decoder(max_new))
+      outputs = generate(examples, max_new, desc=f"{name}@{step}")
+      scores = score_outputs(bench, examples, outputs, self.bench_cfg, self._judge_client)
+      metrics = bench.aggregate(examples, scores)
+      out.update({f"{name}/{k}": v for k, v in scalar_metrics(metrics).items()})
+      if self.out_dir is not None and jax.process_index() == 0:
+        step_dir = self.out_dir / str(step)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        ks = [e.meta["k"] for e in examples] if name == "tinyworld" else []
+        write_predictions(step_dir / f"{name}.jsonl", examples, outputs, scores, ks)
+    return out
 
 
 def run_benchmarks(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from compact_jax import capabilities as caps_lib
 from compact_jax.datagen import prompts as datagen_prompts
 from compact_jax.datagen import recipe as recipe_lib
 from compact_jax.eval.benchmarks import core
@@ -82,12 +83,22 @@ def tagging_prompt(question: str) -> tuple[str, str]:
 
 
 def parse_tag(text: str) -> tuple[str, ...]:
-  """Canonical capability names from a tagger reply.
+  """Canonical capability names (sorted, deduplicated) from a tagger reply; names are
+  normalised as the generator's verifier does ("Spatial Relationship" is
+  spatial_relationship).
 
   Raises:
     recipe.MalformedResponse: not a JSON object with a list of known names.
   """
-  return recipe_lib._capability_list(recipe_lib.extract_json_object(text), "capabilities")
+  value = recipe_lib.extract_json_object(text).get("capabilities")
+  if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+    raise recipe_lib.MalformedResponse(
+      "malformed_json", f"'capabilities' must be a list of strings, got {value!r}"
+    )
+  try:
+    return caps_lib.canonical(recipe_lib.normalize_capability(c) for c in value)
+  except ValueError as e:
+    raise recipe_lib.MalformedResponse("unknown_capability", str(e)) from None
 
 
 def tag_examples(
@@ -95,10 +106,7 @@ def tag_examples(
 ) -> dict[str, Tag]:
   """example id -> Tag; malformed replies are re-asked ``reasks`` times (past the cache)."""
   tags: dict[str, Tag] = {}
-  todo = [e for e in examples if e.image is not None]
-  for e in examples:
-    if e.image is None:
-      tags[e.id] = Tag(None, "text-only question: the backends send one image per request")
+  todo = list(examples)  # a text-only question is tagged from its text alone
   for attempt in range(reasks + 1):
     calls = []
     for e in todo:

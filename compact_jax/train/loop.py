@@ -9,7 +9,9 @@ and writes ``WORKDIR/<phase>/``:
 - ``metrics.jsonl`` one line per log step (also TensorBoard events in ``tb/``):
   loss, lr per param group (``lr/<group>``), gradient/param/update norms,
   throughput, compile count, achieved TFLOP/s and MFU (flops.py), skipped
-  steps; eval-hook lines (``eval/...``) share the file;
+  steps; eval-hook lines (``eval/...``, and ``eval/<benchmark>/<metric>`` with
+  ``eval_benchmarks``) share the file;
+- ``eval_benchmarks/<step>/<benchmark>.jsonl`` the periodic benchmarks' predictions;
 - ``trainable_params.npz`` with ``save_adapters_only``: only the trained params;
 - ``data_stats.json`` what tokenization did to the split (truncation, drops);
 - ``loss.png`` the loss curve.
@@ -211,17 +213,32 @@ def plot_loss(metrics_path: str, out_path: str) -> None:
 
 
 class TrainEvalHook:
-  """The eval stage's tiny-world accuracy on a held-out subset, during training.
+  """The eval stage's tiny-world accuracy on a held-out subset, during training, and
+  any benchmarks of the suite.
 
   Reuses ``compact_jax.eval.run`` (questions, prompt suffix, the bucketed greedy
   ``Predictor``, exact match and the by-k table) on the first ``max_examples``
-  questions of ``config.eval.split``. The decoder compiles once; each call only
-  swaps in the current params.
+  questions of ``config.eval.split``. ``benchmarks`` run through the benchmarks
+  stage's code path (``bench_run.PeriodicBenchmarks``: ``config.bench``'s data dir,
+  prompts, decoding and metrics) on their first ``max_examples`` questions; their
+  files are read here, so missing data fails before training starts. Decoders
+  compile once; each call only swaps in the current params.
   """
 
-  def __init__(self, config, workdir: str, tokenizer, mesh, *, max_examples: int):
+  def __init__(
+    self,
+    config,
+    workdir: str,
+    tokenizer,
+    mesh,
+    *,
+    max_examples: int,
+    benchmarks: tuple[str, ...] = (),
+    benchmarks_dir: str | None = None,
+  ):
     # Imported here: compact_jax.eval.run imports this module.
     from compact_jax.data import image as image_lib
+    from compact_jax.eval import bench_run
     from compact_jax.eval import run as eval_run
 
     self._metrics = eval_run.metrics_lib
@@ -249,9 +266,17 @@ class TrainEvalHook:
       graphdef, params, tokenizer, template_lib.TEMPLATES[config.data.template], config, mesh
     )
     self._predictor = None
+    self.benchmarks = None
+    if benchmarks:
+      self.benchmarks = bench_run.PeriodicBenchmarks(
+        config, benchmarks, checkpoint_workdir=workdir, tokenizer=tokenizer,
+        template=template_lib.TEMPLATES[config.data.template], image_size=size, mesh=mesh,
+        max_examples=max_examples, out_dir=benchmarks_dir,
+      )  # fmt: skip
 
-  def __call__(self, graphdef, params) -> dict[str, float]:
-    """``accuracy`` overall and ``accuracy_k<k>`` per k, and ``n`` questions."""
+  def __call__(self, graphdef, params, *, step: int = 0) -> dict[str, float]:
+    """``accuracy`` overall and ``accuracy_k<k>`` per k, and ``n`` questions; with
+    benchmarks also ``<benchmark>/<metric>`` (``headline`` and the other scalars)."""
     if self._predictor is None:
       self._predictor = self._make_predictor(graphdef, params)
     self._predictor.params = params
@@ -265,6 +290,8 @@ class TrainEvalHook:
     table = self._metrics.accuracy_table(self.questions, correct)
     out = {"accuracy": table["overall"]["all"]["accuracy"], "n": float(len(correct))}
     out.update({f"accuracy_k{k}": v["accuracy"] for k, v in table["by_k"].items()})
+    if self.benchmarks is not None:
+      out.update(self.benchmarks(graphdef, params, step=step))
     return out
 
 
@@ -361,6 +388,31 @@ def export_trainable_params(params: Any, trainable: Any, path: str) -> list[str]
   return sorted(keep)
 
 
+def eval_benchmark_names(config: ml_collections.ConfigDict, phase: str) -> tuple[str, ...]:
+  """``config.<phase>.eval_benchmarks`` ("mme,pope" or a tuple) as names, checked: known
+  benchmarks, an eval hook that runs, and a ``config.bench`` section to run them with."""
+  cfg = config.train
+  value = cfg.eval_benchmarks
+  if not value:
+    return ()
+  from compact_jax.eval import bench_run  # compact_jax.eval imports this module
+
+  where = f"config.{phase}.eval_benchmarks={value!r}"
+  try:
+    names = bench_run.parse_names(value)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  if not cfg.eval_every_steps:
+    raise ValueError(f"{where} needs config.{phase}.eval_every_steps > 0")
+  if "bench" not in config:
+    raise ValueError(
+      f"{where}: the config has no `bench` section (data dir, decoding, judge) to run them "
+      "with; add `c.bench = eval_config.bench_config()` (from configs import eval as "
+      "eval_config) to the config file"
+    )
+  return names
+
+
 def _validate_phase(cfg: ml_collections.ConfigDict, phase: str, data_devices: int) -> None:
   if cfg.nonfinite not in step_lib.NONFINITE_MODES:
     raise ValueError(
@@ -420,6 +472,14 @@ def run_train(
       f"batch_size {cfg.batch_size} not divisible by {data_devices} data-parallel devices"
     )
   _validate_phase(cfg, phase, data_devices)
+  bench_names = eval_benchmark_names(config, phase)
+  if cfg.best_metric.startswith("eval/") and cfg.best_metric.count("/") >= 2:
+    bench = cfg.best_metric.split("/")[1]
+    if bench not in bench_names:
+      raise ValueError(
+        f"config.{phase}.best_metric={cfg.best_metric!r} names benchmark {bench!r}, which "
+        f"config.{phase}.eval_benchmarks ({list(bench_names)}) does not run"
+      )
   setup, init_fn = state_lib.setup_state(config, vocab_size=tokenizer.vocab_size, mesh=mesh)
   logging.info(
     "Model: %s params, %s trainable; groups %s",
@@ -491,7 +551,10 @@ def run_train(
   writer = MetricsWriter(out_dir)
   eval_hook = None
   if cfg.eval_every_steps:
-    eval_hook = TrainEvalHook(config, workdir, tokenizer, mesh, max_examples=cfg.eval_examples)
+    eval_hook = TrainEvalHook(
+      config, workdir, tokenizer, mesh, max_examples=cfg.eval_examples, benchmarks=bench_names,
+      benchmarks_dir=os.path.join(out_dir, "eval_benchmarks"),
+    )  # fmt: skip
 
   latest = ckpt.latest_step()
   carried = None
@@ -627,7 +690,15 @@ def run_train(
     def run_eval_hook(step: int) -> None:
       nonlocal t0, eval_metrics
       t_eval = time.time()
-      eval_metrics = {f"eval/{k}": v for k, v in eval_hook(setup.graphdef, state["params"]).items()}
+      eval_metrics = {
+        f"eval/{k}": v for k, v in eval_hook(setup.graphdef, state["params"], step=step).items()
+      }
+      if cfg.best_metric.startswith("eval/") and cfg.best_metric not in eval_metrics:
+        # A misspelt metric would otherwise keep checkpoints by recency only, silently.
+        raise ValueError(
+          f"config.{phase}.best_metric={cfg.best_metric!r} is not among the eval hook's "
+          f"metrics {sorted(eval_metrics)}"
+        )
       writer.write(step, eval_metrics)
       logging.info("eval at step %d: %s", step, eval_metrics)
       t0 += time.time() - t_eval  # eval time is not training throughput

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ast
 import base64
+import copy
+import dataclasses
 import glob
+import hashlib
 import importlib.util
-import io
 import json
 import os
 import pathlib
@@ -39,6 +41,8 @@ from compact_jax.eval.benchmarks import (
   yesno,
 )
 from tests.datagen.fake_server import FakeVLMServer
+from tests.eval import bench_fixtures as fx
+from tests.eval.bench_fixtures import BLUE, RED
 
 LMMS_VERSION = "0.7.3"
 KEY_ENV = "COMPACT_JAX_TEST_JUDGE_KEY"
@@ -293,33 +297,9 @@ def test_gqa_exact_match_golden():
 # --- loaders on fixture files ---------------------------------------------------------------------
 
 
-def _png(color) -> bytes:
-  buf = io.BytesIO()
-  Image.new("RGB", (8, 6), color).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-RED, BLUE = _png((255, 0, 0)), _png((0, 0, 255))
-
-
-def _write_tsv(path: pathlib.Path, rows: list[dict]) -> None:
-  cols = list(rows[0])
-  lines = ["\t".join(cols)] + ["\t".join(str(r[c]) for c in cols) for r in rows]
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("\n".join(lines) + "\n")
-
-
-def _write_parquet(path: pathlib.Path, rows: list[dict]) -> None:
-  import pyarrow as pa
-  import pyarrow.parquet as pq
-
-  path.parent.mkdir(parents=True, exist_ok=True)
-  pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def test_vlmevalkit_tsv_with_base64_and_index_references(tmp_path):
   b64 = base64.b64encode(RED).decode()
-  _write_tsv(tmp_path / "mme" / "MME.tsv", [
+  fx.write_tsv(tmp_path / "mme" / "MME.tsv", [
     {"index": 0, "image": b64, "question": "Is it red? Please answer yes or no.", "answer": "Yes", "category": "color"},
     {"index": 1, "image": "0", "question": "Is it blue? Please answer yes or no.", "answer": "No", "category": "color"},
   ])  # fmt: skip
@@ -330,7 +310,7 @@ def test_vlmevalkit_tsv_with_base64_and_index_references(tmp_path):
 
 
 def test_hf_parquet_with_image_structs(tmp_path):
-  _write_parquet(tmp_path / "mmstar" / "mmstar.parquet", [
+  fx.write_parquet(tmp_path / "mmstar" / "mmstar.parquet", [
     {"index": 7, "question": "Which color? Options: A: red, B: blue, C: green, D: gray",
      "answer": "B", "category": "coarse perception", "l2_category": "image style & quality",
      "image": {"bytes": BLUE, "path": None}},
@@ -339,7 +319,7 @@ def test_hf_parquet_with_image_structs(tmp_path):
   assert ex.image == BLUE and ex.id == "7" and ex.answer == "B"
   assert ex.meta["options"] == {"A": "red", "B": "blue", "C": "green", "D": "gray"}
   assert ex.prompt.endswith("\nAnswer with the option's letter from the given choices directly")
-  _write_parquet(tmp_path / "textvqa" / "data" / "validation-00000-of-00001.parquet", [
+  fx.write_parquet(tmp_path / "textvqa" / "data" / "validation-00000-of-00001.parquet", [
     {"question_id": 3, "question": "what brand?", "answers": ["Nike"] * 10,
      "ocr_tokens": ["nike", "run"], "image": {"bytes": RED, "path": "x.jpg"}},
   ])  # fmt: skip
@@ -380,7 +360,7 @@ def test_missing_data_names_files_places_and_sources(tmp_path):
 
 
 def test_bad_rows_name_the_file_and_row(tmp_path):
-  _write_tsv(tmp_path / "pope" / "POPE.tsv", [
+  fx.write_tsv(tmp_path / "pope" / "POPE.tsv", [
     {"index": 0, "image": base64.b64encode(RED).decode(), "question": "q", "answer": "maybe", "category": "random"}])  # fmt: skip
   with pytest.raises(
     ValueError, match=r"POPE.tsv row 2 \(index 0\): the reference answer must be yes or no"
@@ -394,15 +374,44 @@ def test_bad_rows_name_the_file_and_row(tmp_path):
 class JudgeServer(FakeVLMServer):
   """Grades like a judge: MM-Vet "1.0" if the prediction contains the truth, else "0.0";
   LLaVA-W "8 <n>" with n = the prediction's length in words (capped at 10). A prediction
-  containing GARBAGE gets prose, FAIL gets HTTP 500 every time."""
+  containing GARBAGE gets prose, FAIL gets HTTP 500 every time. Unlike its base it takes
+  requests with or without an image (OpenAI and Gemini protocols) and records which."""
 
   def _handle(self, path, headers, body):
-    user = next(p["text"] for p in body["messages"][1]["content"] if p["type"] == "text")
-    if "| FAIL |" in user or "[Assistant 2]\nFAIL" in user:
-      with self._lock:
-        self.requests.append({"kind": "fail"})
-      return 500, {}, {"error": {"message": "scripted 500"}}
-    return super()._handle(path, headers, body)
+    if path.endswith("/chat/completions"):
+      parts = body["messages"][1]["content"]
+      system = body["messages"][0]["content"]
+      user = next(p["text"] for p in parts if p["type"] == "text")
+      urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+      image = base64.b64decode(urls[0].split(",", 1)[1]) if urls else None
+    elif ":generateContent" in path:
+      parts = body["contents"][0]["parts"]
+      system = body["systemInstruction"]["parts"][0]["text"]
+      user = next(p["text"] for p in parts if "text" in p)
+      data = [p["inlineData"]["data"] for p in parts if "inlineData" in p]
+      image = base64.urlsafe_b64decode(data[0] + "=" * (-len(data[0]) % 4)) if data else None
+    else:
+      return 404, {}, {"error": {"message": f"no route {path}"}}
+    failing = "| FAIL |" in user or "[Assistant 2]\nFAIL" in user
+    with self._lock:
+      self.requests.append({"kind": "fail" if failing else "ok", "user": user,
+                            "image_sha": hashlib.sha256(image).hexdigest() if image else None})  # fmt: skip
+    if failing:
+      return 500, {}, {"error": {"code": 500, "message": "scripted 500", "status": "INTERNAL"}}
+    text = self._reply("", system, user, image, "")
+    if path.endswith("/chat/completions"):
+      return 200, {}, {
+        "id": "chatcmpl-judge", "object": "chat.completion", "created": 0, "model": body["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+      }  # fmt: skip
+    return 200, {}, {
+      "candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                      "finishReason": "STOP", "index": 0}],
+      "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 2, "totalTokenCount": 12},
+      "responseId": "gem-judge",
+    }  # fmt: skip
 
   def _reply(self, kind, system, user, image, fault):
     if user.startswith("Question:") and "capabilities" in system:  # the k-tagger
@@ -487,6 +496,61 @@ def test_llava_wild_relative_score_hand_computed(tmp_path, monkeypatch):
   assert m["overall"]["reference_x10"] == pytest.approx(80.0)
 
 
+def llm_test_config_for(backend: str, url: str):
+  c = llm_test_config(url)
+  if backend == "gemini":
+    from configs import eval as eval_config
+
+    c = eval_config.llm_config("gemini", model="judge-test", structured_output=False)
+    c.backend.base_url = url
+    c.backend.api_key_env = KEY_ENV
+    c.backend.request_timeout_s = 2.0
+    c.datagen.backoff_initial_s = 0.01
+    c.datagen.backoff_max_s = 0.02
+    c.datagen.max_retries_per_request = 2
+    c.datagen.requests_per_minute = 0.0
+  return c
+
+
+@pytest.mark.parametrize("backend", ["openai", "gemini"])
+def test_judges_read_text_only_unless_asked_to_see_the_image(tmp_path, monkeypatch, backend):
+  monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+  exs = _judged_examples()[:2]
+  outputs = ["a cat", "a dog"]
+  with JudgeServer() as srv:
+    client = judge.LLMClient(llm_test_config_for(backend, srv.url), tmp_path / "c.sqlite")
+    blind = judged.judge_mmvet(exs, outputs, client)  # lmms-eval's default: text only
+    text_only = list(srv.requests)
+    seeing = judged.judge_mmvet(exs, outputs, client, sees_image=True)
+    with_image = srv.requests[len(text_only) :]
+    reviews = judged.judge_llavaw(exs, outputs, client)
+  assert [r["image_sha"] for r in text_only] == [None, None]
+  # The image-seeing calls are new requests (not the text-only cache entries), with the image.
+  assert sorted(r["image_sha"] for r in with_image) == sorted(
+    hashlib.sha256(e.image).hexdigest() for e in exs
+  )
+  assert [s.score for s in blind] == [1.0, 1.0] == [s.score for s in seeing]
+  assert {s.extra["judge_sees_image"] for s in blind} == {False}
+  assert {s.extra["judge_sees_image"] for s in seeing} == {True}
+  assert judged.aggregate_mmvet(exs, blind)["judge_sees_image"] is False
+  assert judged.aggregate_mmvet(exs, seeing)["judge_sees_image"] is True
+  # LLaVA-W's judge reads the captions in its text; the pairs are (8, words of the answer).
+  assert [s.parsed for s in reviews] == [[8.0, 2.0], [8.0, 2.0]]
+
+
+def test_an_image_the_judge_cannot_send_is_missing_not_zero(tmp_path, monkeypatch):
+  monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+  exs = _judged_examples()[:2]
+  exs[1] = dataclasses.replace(exs[1], image=b"not an image")
+  with JudgeServer() as srv:
+    client = judge.LLMClient(llm_test_config(srv.url), None)
+    scores = judged.judge_mmvet(exs, ["a cat", "a dog"], client, reasks=0, sees_image=True)
+  assert scores[0].score == 1.0 and scores[1].score is None
+  assert "mmvet/q1: image: corrupt or unreadable image" in scores[1].extra["judge_error"]
+  assert len(srv.requests) == 1
+  assert judged.aggregate_mmvet(exs, scores)["missing"] == 1
+
+
 def test_judge_rejects_the_world_oracle():
   from configs import eval as eval_config
 
@@ -543,15 +607,8 @@ def tiny_setup(tmp_path_factory):
   tfds_io.build_dataset({"test": [root / "test.jsonl"]}, [imgs], build_lib.tfds_dir(wd))
 
   data = root / "bench_data"
-  b64r, b64b = base64.b64encode(RED).decode(), base64.b64encode(BLUE).decode()
-  _write_tsv(data / "pope" / "POPE.tsv", [
-    {"index": i, "image": b64r if i % 2 else b64b, "question": f"Is there a {w} in the image?",
-     "answer": "yes" if i % 3 else "no", "category": ("random", "popular")[i % 2]}
-    for i, w in enumerate(["dog", "red square", "blue circle", "cat", "car", "tree red blue dog"])])  # fmt: skip
-  _write_parquet(data / "mmstar" / "mmstar.parquet", [
-    {"index": i, "question": f"Which color is it? Options: A: red, B: blue, C: green, D: gray {i}",
-     "answer": "AB"[i % 2], "category": "coarse perception", "l2_category": f"l2-{i % 2}",
-     "image": {"bytes": RED if i % 2 else BLUE, "path": None}} for i in range(4)])  # fmt: skip
+  fx.pope_tsv(data, n=6)
+  fx.mmstar_parquet(data, n=4)
   config = eval_config.get_config("smoke,benchmarks=pope,mmstar,tinyworld")
   with config.unlocked():
     config.bench.data_dir = str(data)
@@ -628,6 +685,38 @@ def test_suite_end_to_end_writes_predictions_results_table_and_plots(tiny_setup,
   assert rel["value"] == pytest.approx(
     100 * res["benchmarks"]["mmstar"]["headline"] / base["benchmarks"]["mmstar"]["headline"]
   )
+
+
+def test_suite_records_how_the_judge_graded(tiny_setup, tmp_path, monkeypatch):
+  from compact_jax.eval import bench_run
+
+  monkeypatch.setenv(KEY_ENV, "sk-judge-test")
+  config, loaded, wd = tiny_setup
+  config = copy.deepcopy(config)  # the module's fixture stays as the other tests expect
+  data = tmp_path / "data"
+  fx.write_tsv(data / "mmvet" / "MMVet.tsv", [
+    {"index": i, "image": fx.b64(RED), "question": f"What is shown {i}?", "answer": ans,
+     "category": "rec"} for i, ans in enumerate(["cat", "dog", "sun"])])  # fmt: skip
+  ckpt = {"path": str(wd), "step": 0, "id": f"{wd}@0"}
+  with JudgeServer() as srv, config.unlocked():
+    config.bench.benchmarks = ("mmvet",)
+    config.bench.data_dir = str(data)
+    config.bench.judge = llm_test_config(srv.url)
+    config.bench.batch_size = 4
+    res = bench_run.evaluate_model(config, loaded, tmp_path / "out", checkpoint=ckpt,
+                                   checkpoint_workdir=wd)  # fmt: skip
+  entry = json.loads((tmp_path / "out" / "results.json").read_text())["benchmarks"]["mmvet"]
+  assert entry["judge_sees_image"] is False and entry["metrics"]["judge_sees_image"] is False
+  assert entry["metrics"]["judge"]["model"] == "judge-test"
+  assert entry["metrics"]["judge_prompt_version"] == judged.PROMPT_VERSIONS["mmvet"]
+  assert res["config"]["bench"]["judge_sees_image"] is False
+  assert all(r["image_sha"] is None for r in srv.requests) and len(srv.requests) == 3
+  rows = [
+    json.loads(x) for x in (tmp_path / "out/predictions/mmvet.jsonl").read_text().splitlines()
+  ]
+  # Each score is the judge's grade of that output (the server's rule: truth in the output).
+  for r in rows:
+    assert r["score"] == (1.0 if r["answer"] in r["output"].lower() else 0.0)
 
 
 def test_relative_percent_reproduces_compact_table():

@@ -109,6 +109,8 @@ def test_tagging_through_the_engine_with_malformed_and_failed_replies(tmp_path, 
   assert tags["a"].capabilities == ("color", "shape") and tags["a"].k == 2
   assert tags["b"].k == 2 and tags["d"].k == 0
   assert tags["c"].k is None and "malformed_json" in tags["c"].error
-  assert tags["e"].k is None and "text-only" in tags["e"].error
-  assert n == 4 + 1  # four questions with images, one re-ask of the malformed reply
+  # A text-only question is tagged from its text: the request carries no image.
+  assert tags["e"].k == 0 and tags["e"].error == ""
+  assert [r["image_sha"] is None for r in srv.requests if "Text only" in r["user"]] == [True]
+  assert n == 5 + 1  # five questions, one re-ask of the malformed reply
   assert kstrat.tagger_info(client)["prompt_version"] == kstrat.TAGGER_PROMPT_VERSION

@@ -19,11 +19,12 @@ from compact_jax.datagen.image_pool import PreparedImage
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-  """One generation or verification call about one image."""
+  """One generation or verification call about one image (or about none: evaluation
+  judges grade text only, as lmms-eval's do; the world oracle needs an image)."""
 
   kind: str  # "generation" | "verification"
   image_rel: str
-  image: PreparedImage
+  image: PreparedImage | None
   system: str
   user: str
   schema: dict[str, Any]

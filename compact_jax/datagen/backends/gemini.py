@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+from typing import Any
 
 from google import genai
 from google.genai import errors as genai_errors
@@ -84,10 +85,11 @@ class GeminiBackend:
       cfg["response_json_schema"] = request.schema
     if self._thinking_budget >= 0:
       cfg["thinking_config"] = types.ThinkingConfig(thinking_budget=self._thinking_budget)
-    contents = [
-      types.Part.from_bytes(data=request.image.data, mime_type=request.image.mime),
-      request.user,
-    ]
+    contents: list[Any] = [request.user]
+    if request.image is not None:
+      contents.insert(
+        0, types.Part.from_bytes(data=request.image.data, mime_type=request.image.mime)
+      )
     try:
       self._turn += 1
       client = self._clients[self._turn % len(self._clients)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion
@@ -79,18 +80,15 @@ class OpenAIBackend:
     )
 
   async def call(self, request: b.Request) -> b.Response:
-    url = f"data:{request.image.mime};base64,{base64.b64encode(request.image.data).decode()}"
+    content: list[dict[str, Any]] = [{"type": "text", "text": request.user}]
+    if request.image is not None:
+      url = f"data:{request.image.mime};base64,{base64.b64encode(request.image.data).decode()}"
+      content.append({"type": "image_url", "image_url": {"url": url, "detail": self._detail}})
     kwargs = {
       "model": self.model,
       "messages": [
         {"role": "system", "content": request.system},
-        {
-          "role": "user",
-          "content": [
-            {"type": "text", "text": request.user},
-            {"type": "image_url", "image_url": {"url": url, "detail": self._detail}},
-          ],
-        },
+        {"role": "user", "content": content},
       ],
       "temperature": self._temperature,
       "top_p": self._top_p,

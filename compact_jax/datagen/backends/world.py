@@ -106,6 +106,8 @@ class WorldBackend:
     return cls(scenes, seed=int(config.seed), max_attempts=int(config.backend.world_max_attempts))
 
   def _scene(self, request: b.Request) -> scene_lib.Scene:
+    if request.image is None:
+      raise b.PermanentError("the world oracle answers questions about its own images only")
     scene = self._scenes.get(request.image_rel)
     if scene is None:
       raise b.PermanentError(f"no scene graph for {request.image_rel!r} in {SCENES_FILE}")

@@ -54,7 +54,7 @@ LAYOUTS = (
              "https://opencompass.openxlab.space/utils/VLMEval/GQA_TestDev_Balanced.tsv", fmt.read_tsv),
   fmt.Layout("testdev_balanced_instructions/*.parquet",
              "lmms-lab/GQA's testdev_balanced_instructions/ and testdev_balanced_images/ parquet",
-             "https://huggingface.co/datasets/lmms-lab/GQA", _read_hf),
+             "https://huggingface.co/datasets/lmms-lab-encoder/GQA (was lmms-lab/GQA)", _read_hf),
   fmt.Layout("testdev_balanced_questions.json", "testdev_balanced_questions.json plus images/",
              "https://cs.stanford.edu/people/dorarad/gqa/download.html", _read_original),
 )  # fmt: skip

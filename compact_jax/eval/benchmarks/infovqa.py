@@ -45,13 +45,19 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = THRESHOLD) 
 
 
 def _read_original(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[fmt.Row]:
+  """The RRC release: {"data": [{"questionId", "question", "image_local_name", "answers",
+  ...}]}; the images may sit in any folder next to the JSON (the archive's folder name
+  varies between copies: infographicsvqa_images/, infographicVQA_val_v1.0_images/, ...)."""
+  root = files[0].parent
+  folders = sorted(d for d in root.iterdir() if d.is_dir())
   rows = []
   for n, r in enumerate(fmt.read_json(files[0])["data"]):
     where = f"{files[0]} data[{n}]"
-    image = fmt.read_image_file(
-      bench_dir / "infographicsvqa_images", r["image_local_name"], where=where
-    )
-    rows.append({**r, "image": image, "_where": where})
+    name = r["image_local_name"]
+    folder = next((d for d in folders if (d / name).is_file()), None)
+    if folder is None:
+      raise FileNotFoundError(f"{where}: image {name!r} is in no folder under {root}")
+    rows.append({**r, "image": (folder / name).read_bytes(), "_where": where})
   return rows
 
 
@@ -59,9 +65,9 @@ LAYOUTS = (
   fmt.Layout("InfoVQA_VAL.tsv", "VLMEvalKit's InfoVQA_VAL.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/InfoVQA_VAL.tsv", fmt.read_tsv),
   fmt.Layout("**/validation-*.parquet", "the InfographicVQA validation parquet of lmms-lab/DocVQA",
-             "https://huggingface.co/datasets/lmms-lab/DocVQA (config InfographicVQA)", fmt.read_parquet),
+             "https://huggingface.co/datasets/lmms-lab-encoder/DocVQA (was lmms-lab/DocVQA) (config InfographicVQA)", fmt.read_parquet),
   fmt.Layout("infographicsVQA_val_v1.0_withQT.json",
-             "infographicsVQA_val_v1.0_withQT.json plus the infographicsvqa_images/ folder",
+             "infographicsVQA_val_v1.0_withQT.json plus its images in a folder next to it",
              "https://rrc.cvc.uab.es/?ch=17 (Infographics VQA, registration)", _read_original),
 )  # fmt: skip
 

@@ -11,23 +11,19 @@ A call that fails for good (retries exhausted, rejected, budget reached) comes
 back as an ``LLMReply`` with ``text=None`` and the reason; callers report it as
 missing. A fatal error (bad key, unknown model) raises: no call can succeed.
 
-The datagen backends send exactly one image per request, so judges see the
-benchmark image too. lmms-eval's MM-Vet and LLaVA-W judges are text-only; a
+A request carries the benchmark image or none: lmms-eval's MM-Vet and LLaVA-W judges
+are text-only, and ``config.bench.judge_sees_image`` (default False) keeps ours so; a
 multimodal judge given the image may grade differently (recorded as
-``judge_sees_image`` in every result).
+``judge_sees_image`` in every result). The k-tagger always sends the image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import io
 import pathlib
 from collections.abc import Sequence
 from typing import Any
-
-from PIL import Image
 
 from compact_jax.datagen import backends as backends_lib
 from compact_jax.datagen import engine as engine_lib
@@ -35,36 +31,14 @@ from compact_jax.datagen import image_pool
 from compact_jax.datagen import stages as datagen_stages
 
 
-def prepared_image(data: bytes, *, max_side: int, where: str) -> image_pool.PreparedImage:
-  """Encoded bytes -> what a backend sends (downscaled past ``max_side``, PNG if the
-  format is not one the APIs take as is)."""
-  digest = hashlib.sha256(data).hexdigest()
-  try:
-    im = Image.open(io.BytesIO(data))
-    im.load()
-  except Exception as e:  # PIL raises many types for corrupt data
-    raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e})") from None
-  w, h = im.size
-  scale = min(1.0, max_side / max(w, h))
-  if scale == 1.0 and im.format in image_pool.SEND_AS_IS:
-    return image_pool.PreparedImage(data, image_pool.SEND_AS_IS[im.format], digest, w, h, False)
-  im = im.convert("RGBA" if im.mode in ("RGBA", "LA", "P") else "RGB")
-  if scale < 1.0:
-    im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-  buf = io.BytesIO()
-  im.save(buf, format="PNG")
-  return image_pool.PreparedImage(
-    buf.getvalue(), "image/png", digest, im.width, im.height, scale < 1
-  )
-
-
 @dataclasses.dataclass(frozen=True)
 class LLMCall:
   """One request. ``kind`` picks the backend's output cap: "verification" (short
-  replies) or "generation" (long ones). ``attempt`` > 0 re-asks past the cache."""
+  replies) or "generation" (long ones). ``attempt`` > 0 re-asks past the cache.
+  ``image`` is encoded bytes, or None for a text-only request."""
 
   key: str
-  image: bytes
+  image: bytes | None
   system: str
   user: str
   kind: str = "verification"
@@ -115,31 +89,31 @@ class LLMClient:
   async def _run(self, calls: list[LLMCall]) -> list[LLMReply]:
     backend = backends_lib.make_backend(self.config, {})
     cache = engine_lib.ResponseCache(self.cache_path) if self.cache_path else None
-    # The engine's recipe and shard files belong to datagen's per-image loop; `call`,
-    # the only method used here, reads neither.
-    engine = engine_lib.Engine(
-      backend, None, self.settings, image_root=pathlib.Path("."), files=None, cache=cache,
-      backend_params=self.params,
-    )  # fmt: skip
+    engine = engine_lib.call_engine(backend, self.settings, cache=cache, backend_params=self.params)
     images: dict[bytes, image_pool.PreparedImage] = {}
 
     async def one(call: LLMCall) -> LLMReply:
-      if call.image not in images:
-        images[call.image] = prepared_image(
-          call.image, max_side=self.settings.max_image_side, where=call.key
-        )
+      image = None
+      if call.image is not None:
+        if call.image not in images:
+          try:
+            images[call.image] = image_pool.prepare_image_bytes(
+              call.image, max_side=self.settings.max_image_side,
+              max_pixels=self.settings.max_image_pixels,
+            )  # fmt: skip
+          except image_pool.ImageError as e:
+            return LLMReply(None, f"{call.key}: image: {e}")
+        image = images[call.image]
       request = backends_lib.Request(
-        call.kind, call.key, images[call.image], call.system, call.user, call.schema, (),
-        call.attempt,
-      )  # fmt: skip
-      st = engine_lib._ImageState(call.key)
+        call.kind, call.key, image, call.system, call.user, call.schema, (), call.attempt
+      )
       try:
-        resp = await engine.call(request, st)
+        resp, cached = await engine_lib.call_once(engine, request)
       except engine_lib.ImageFailed as e:
         return LLMReply(None, str(e))
       except engine_lib.BudgetExhausted as e:
         return LLMReply(None, f"budget: {e}")
-      return LLMReply(resp.text, "", cached=bool(st.usage["cached"]))
+      return LLMReply(resp.text, "", cached=cached)
 
     try:
       return list(await asyncio.gather(*(one(c) for c in calls)))

@@ -4,7 +4,10 @@ Judge prompts are lmms-eval 0.7.3's (``mmvet/utils.py::MM_VET_PROMPT``;
 ``llava-in-the-wild/rule.json`` + ``llava_process_results``), versioned by
 ``PROMPT_VERSIONS``; the judge's backend, model and prompt version are recorded
 with every score. Calls go through the datagen engine (``judge.LLMClient``):
-cached, rate-limited, retried, budgeted.
+cached, rate-limited, retried, budgeted. The judge reads text only, as lmms-eval's
+does (the question, reference and answer; LLaVA-W adds the image captions);
+``config.bench.judge_sees_image`` also sends the image, recorded as
+``judge_sees_image`` with every score since a judge that sees it may grade differently.
 
 Deliberate differences from lmms-eval (shared/reference/
 data_formats_benchmarks_metrics.md §3.1, §4 items 9-10): a failed call or a reply
@@ -110,17 +113,18 @@ def _judge(
   parse,
   kind: str,
   reasks: int,
+  sees_image: bool,
 ) -> list[core.Scored]:
   info = {"judge": client.describe(), "prompt_version": PROMPT_VERSIONS[name],
-          "judge_sees_image": True}  # fmt: skip
+          "judge_sees_image": sees_image}  # fmt: skip
   texts = [query(ex, out) for ex, out in zip(examples, outputs)]
   parsed: list[Any] = [None] * len(examples)
   raw: list[str | None] = [None] * len(examples)
   errors = [""] * len(examples)
   todo = list(range(len(examples)))
   for attempt in range(reasks + 1):
-    calls = [judge_lib.LLMCall(f"{name}/{examples[i].id}", examples[i].image, "", texts[i],
-                               kind=kind, attempt=attempt) for i in todo]  # fmt: skip
+    calls = [judge_lib.LLMCall(f"{name}/{examples[i].id}", examples[i].image if sees_image else None,
+                               "", texts[i], kind=kind, attempt=attempt) for i in todo]  # fmt: skip
     replies = client.run(calls)
     retry = []
     for i, reply in zip(todo, replies):
@@ -151,16 +155,28 @@ def _judge(
   return out
 
 
-def judge_mmvet(examples, outputs, client, *, reasks: int = 1) -> list[core.Scored]:
+def judge_mmvet(
+  examples: Sequence[core.Example], outputs: Sequence[str], client: judge_lib.LLMClient, *,
+  reasks: int = 1, sees_image: bool = False,
+) -> list[core.Scored]:  # fmt: skip
+  """One Scored per example; ``sees_image`` sends the benchmark image with the grading
+  prompt (lmms-eval's judge is text-only: False)."""
   return _judge(
     examples, outputs, client, name="mmvet", kind="verification", reasks=reasks,
+    sees_image=sees_image,
     query=lambda ex, out: mmvet_query(ex.question, ex.answer, out), parse=parse_mmvet,
   )  # fmt: skip
 
 
-def judge_llavaw(examples, outputs, client, *, reasks: int = 1) -> list[core.Scored]:
+def judge_llavaw(
+  examples: Sequence[core.Example], outputs: Sequence[str], client: judge_lib.LLMClient, *,
+  reasks: int = 1, sees_image: bool = False,
+) -> list[core.Scored]:  # fmt: skip
+  """As ``judge_mmvet``; the judge sees the captions (LLaVA's protocol), and the image
+  only with ``sees_image``."""
   return _judge(
     examples, outputs, client, name="llava_wild", kind="generation", reasks=reasks,
+    sees_image=sees_image,
     query=lambda ex, out: llavaw_query(ex.question, ex.meta["caption"], ex.answer, out),
     parse=parse_llavaw,
   )  # fmt: skip
@@ -183,11 +199,15 @@ def _judge_summary(scores: Sequence[core.Scored]) -> dict[str, Any]:
 
 
 def _read_mmvet_original(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[fmt.Row]:
+  """mm-vet.json ({"v1_0": {"imagename", "capability": [...], "question", "answer"}, ...})
+  with images/ next to it (mm-vet.zip unzips both into mm-vet/)."""
+  if len(files) > 1:
+    raise ValueError(f"MM-Vet: more than one mm-vet.json under {bench_dir}: {files}")
   rows = []
   for qid, r in fmt.read_json(files[0]).items():
     where = f"{files[0]} [{qid!r}]"
-    rows.append({**r, "question_id": qid, "capability": ",".join(r["capability"]),
-                 "image": fmt.read_image_file(bench_dir / "images", r["imagename"], where=where),
+    rows.append({**r, "question_id": qid, "capability": list(r["capability"]),
+                 "image": fmt.read_image_file(files[0].parent / "images", r["imagename"], where=where),
                  "_where": where})  # fmt: skip
   return rows
 
@@ -196,8 +216,8 @@ MMVET_LAYOUTS = (
   fmt.Layout("MMVet.tsv", "VLMEvalKit's MMVet.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/MMVet.tsv", fmt.read_tsv),
   fmt.Layout("**/*.parquet", "the parquet shards of lmms-lab/MMVet",
-             "https://huggingface.co/datasets/lmms-lab/MMVet", fmt.read_parquet),
-  fmt.Layout("mm-vet.json", "mm-vet.json plus the images/ folder (unzipped mm-vet.zip)",
+             "https://huggingface.co/datasets/lmms-lab-encoder/MMVet (was lmms-lab/MMVet)", fmt.read_parquet),
+  fmt.Layout("**/mm-vet.json", "mm-vet.json plus the images/ folder next to it (unzipped mm-vet.zip)",
              "https://github.com/yuweihao/MM-Vet/releases (mm-vet.zip)", _read_mmvet_original),
 )  # fmt: skip
 
@@ -260,7 +280,7 @@ LLAVAW_LAYOUTS = (
   fmt.Layout("LLaVABench.tsv", "VLMEvalKit's LLaVABench.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/LLaVABench.tsv", fmt.read_tsv),
   fmt.Layout("**/*.parquet", "the parquet shards of lmms-lab/llava-bench-in-the-wild",
-             "https://huggingface.co/datasets/lmms-lab/llava-bench-in-the-wild", fmt.read_parquet),
+             "https://huggingface.co/datasets/lmms-lab-encoder/llava-bench-in-the-wild (was lmms-lab/llava-bench-in-the-wild)", fmt.read_parquet),
   fmt.Layout("questions.jsonl", "questions.jsonl, answers_gpt4.jsonl, context.jsonl and images/",
              "https://huggingface.co/datasets/liuhaotian/llava-bench-in-the-wild",
              _read_llavaw_original),

@@ -19,6 +19,7 @@ official overall = ((ADE20K + COCO) / 2 + Omni3D) / 2, its headline.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
@@ -224,11 +225,18 @@ def _read_cv_jsonl(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[f
   return rows
 
 
+def _read_cv_parquet(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[fmt.Row]:
+  """nyu-visionx/CV-Bench's parquet; where the per-type files test_2d / test_3d are present
+  any other shard (the default config's file holding both) is skipped, not read twice."""
+  split = [f for f in files if f.stem in ("test_2d", "test_3d")]
+  return fmt.read_parquet(split or files, bench_dir)
+
+
 CV_LAYOUTS = (
   fmt.Layout("CV-Bench-[23]D.tsv", "VLMEvalKit's CV-Bench-2D.tsv and CV-Bench-3D.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/CV-Bench-2D.tsv (and -3D)", fmt.read_tsv),
   fmt.Layout("**/*.parquet", "the parquet files of nyu-visionx/CV-Bench (test_2d / test_3d)",
-             "https://huggingface.co/datasets/nyu-visionx/CV-Bench", fmt.read_parquet),
+             "https://huggingface.co/datasets/nyu-visionx/CV-Bench", _read_cv_parquet),
   fmt.Layout("test_[23]d.jsonl", "test_2d.jsonl / test_3d.jsonl plus the img/ folder they name",
              "https://huggingface.co/datasets/nyu-visionx/CV-Bench (repository files)", _read_cv_jsonl),
 )  # fmt: skip
@@ -252,7 +260,9 @@ def load_cvbench(bench_dir: pathlib.Path, options: core.Options) -> list[core.Ex
     )
     meta = {"type": kind, "task": str(fmt.field(r, "task", "category", default="")),
             "source": str(fmt.field(r, "source", default=""))}  # fmt: skip
-    out.append(_example(r, n, question=q, options=opts, prompt=prompt, meta=meta))
+    ex = _example(r, n, question=q, options=opts, prompt=prompt, meta=meta)
+    # The 2D and 3D files may number their questions independently: the type keeps ids unique.
+    out.append(dataclasses.replace(ex, id=f"{kind}/{ex.id}"))
   return out
 
 

@@ -30,12 +30,25 @@ _ORIGINAL_PROMPT = " Please answer yes or no."
 _IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
+def _subtask_dirs(root: pathlib.Path) -> list[pathlib.Path]:
+  """The subtask folders of an unzipped release: directly under ``root`` or under its one
+  wrapper folder (some copies of the zip hold ``MME_Benchmark/<subtask>/``)."""
+  dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+  known = PERCEPTION + COGNITION
+  if not any(d.name in known for d in dirs) and len(dirs) == 1:
+    return _subtask_dirs(dirs[0])
+  unknown = [d.name for d in dirs if d.name not in known]
+  if unknown:
+    raise ValueError(f"{root}: folders {unknown} are not MME subtasks {list(known)}")
+  return dirs
+
+
 def _read_original(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[fmt.Row]:
-  """MME_Benchmark_release_version/<subtask>/: ``<img>.txt`` files of "question\\tanswer"
-  lines, next to the images or in ``questions_answers_YN/`` with images in ``images/``."""
-  root = files[0]
+  """MME_Benchmark_release_version/<subtask>/: ``<img>.txt`` files of "question\tanswer"
+  lines, next to the images or in ``questions_answers_YN/`` with images in ``images/``
+  (the layout LLaVA's ``convert_answer_to_mme.py`` reads)."""
   rows = []
-  for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+  for sub in _subtask_dirs(files[0]):
     qa_dir = sub / "questions_answers_YN"
     img_dir = sub / "images" if qa_dir.is_dir() else sub
     qa_dir = qa_dir if qa_dir.is_dir() else sub
@@ -61,7 +74,7 @@ LAYOUTS = (
   fmt.Layout("MME.tsv", "VLMEvalKit's MME.tsv (base64 images)",
              "https://opencompass.openxlab.space/utils/VLMEval/MME.tsv", fmt.read_tsv),
   fmt.Layout("**/*.parquet", "the parquet shards of lmms-lab/MME (data/test-*.parquet)",
-             "https://huggingface.co/datasets/lmms-lab/MME", fmt.read_parquet),
+             "https://huggingface.co/datasets/lmms-lab-encoder/MME (was lmms-lab/MME)", fmt.read_parquet),
   fmt.Layout("MME_Benchmark_release_version", "the unzipped MME release (one folder per subtask)",
              "the MME authors (https://github.com/BradyFU/Awesome-Multimodal-Large-Language-Models/tree/Evaluation)",
              _read_original),
@@ -84,8 +97,9 @@ def load(bench_dir: pathlib.Path, options: core.Options) -> list[core.Example]:
     pair = fmt.field(r, "question_id", "image_path", default=None)
     if pair is None:
       pair = hashlib.sha256(image or b"").hexdigest()[:16]
+    index = fmt.field(r, "index", default=None)
     out.append(core.Example(
-      id=str(fmt.field(r, "index", default=None) or f"{pair}#{n}"),
+      id=str(index) if index is not None else f"{pair}#{n}",
       question=q.replace(_ORIGINAL_PROMPT, ""),
       prompt=q.replace(_ORIGINAL_PROMPT, "") + core.SHORT_ANSWER,
       image=image,

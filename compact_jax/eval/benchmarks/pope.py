@@ -32,7 +32,7 @@ def _read_original(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[f
     for n, r in enumerate(fmt.read_jsonl(path)):
       where = f"{path} line {n + 1}"
       rows.append({
-        "question_id": f"{split}/{r['question_id']}", "question": r["text"], "answer": r["label"],
+        "question_id": r["question_id"], "question": r["text"], "answer": r["label"],
         "category": split, "image": fmt.read_image_file(bench_dir / "val2014", r["image"], where=where),
         "_where": where,
       })  # fmt: skip
@@ -42,8 +42,8 @@ def _read_original(files: list[pathlib.Path], bench_dir: pathlib.Path) -> list[f
 LAYOUTS = (
   fmt.Layout("POPE.tsv", "VLMEvalKit's POPE.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/POPE.tsv", fmt.read_tsv),
-  fmt.Layout("**/*.parquet", "the parquet shards of lmms-lab/POPE",
-             "https://huggingface.co/datasets/lmms-lab/POPE", fmt.read_parquet),
+  fmt.Layout("**/*.parquet", "the parquet shards of lmms-lab/POPE (default or Full config)",
+             "https://huggingface.co/datasets/lmms-lab-encoder/POPE (was lmms-lab/POPE)", fmt.read_parquet),
   fmt.Layout("coco_pope_*.json", "coco_pope_{random,popular,adversarial}.json plus COCO's val2014/ folder",
              "https://github.com/AoiDragon/POPE (output/coco) and https://cocodataset.org (val2014)",
              _read_original),
@@ -57,11 +57,17 @@ def load(bench_dir: pathlib.Path, options: core.Options) -> list[core.Example]:
   for n, r in enumerate(rows):
     where = r.get("_where", f"row {n}")
     q = str(fmt.field(r, "question")).strip()
+    split = fmt.field(r, "category", default=None)
+    if split is None:  # lmms-lab/POPE's "Full" config: one file per split
+      split = next((s for s in SPLITS if s in str(r.get("_file", ""))), "all")
+    # POPE numbers questions per split (1..3000 in each): the split makes them unique.
+    # VLMEvalKit's TSV has a unique index of its own.
+    index = fmt.field(r, "index", default=None)
+    qid = index if index is not None else f"{split}/{fmt.field(r, 'question_id', default=n)}"
     out.append(core.Example(
-      id=str(fmt.field(r, "question_id", "index", default=n)),
-      question=q, prompt=q + core.SHORT_ANSWER, image=r["image"],
+      id=str(qid), question=q, prompt=q + core.SHORT_ANSWER, image=r["image"],
       answer=yesno.reference_yes_no(str(fmt.field(r, "answer")), where=where),
-      meta={"split": str(fmt.field(r, "category", default="all"))},
+      meta={"split": str(split)},
     ))  # fmt: skip
   return out
 

@@ -119,7 +119,7 @@ LAYOUTS = (
   fmt.Layout("TextVQA_VAL.tsv", "VLMEvalKit's TextVQA_VAL.tsv",
              "https://opencompass.openxlab.space/utils/VLMEval/TextVQA_VAL.tsv", fmt.read_tsv),
   fmt.Layout("**/validation-*.parquet", "the validation parquet shards of lmms-lab/textvqa",
-             "https://huggingface.co/datasets/lmms-lab/textvqa", fmt.read_parquet),
+             "https://huggingface.co/datasets/lmms-lab-encoder/textvqa (was lmms-lab/textvqa)", fmt.read_parquet),
   fmt.Layout("TextVQA_0.5.1_val.json", "TextVQA_0.5.1_val.json plus the train_images/ folder",
              "https://textvqa.org/dataset (train_val_images.zip)", _read_original),
 )  # fmt: skip
