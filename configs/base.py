@@ -210,6 +210,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # "none" or a jax.checkpoint_policies name
   c.model.dtype = "float32"  # compute dtype; params stay float32
+  # Image tokens attend among themselves causally (LLaVA, and what HF LLaVA export
+  # needs) instead of as a full-attention prefix (PaliGemma, the tiny world).
+  c.model.causal_image = False
   # LoRA adapters (models/lora.py) on every weight whose "/"-joined path a target
   # regex searches, e.g. r"llm/layers[^/]*/attn/(q|kv|attn_vec)_einsum/w$"; () = none.
   # The adapters are params named <weight>_lora_a / _lora_b: give them a group

@@ -1,23 +1,35 @@
-"""LLaVA-1.5-7B-style: SigLIP So400m/14 @ 384 (penultimate layer) + mlp2x_gelu + Vicuna-7B.
+"""LLaVA-1.5-7B: CLIP ViT-L/14 @ 336 (penultimate layer) + mlp2x_gelu + Vicuna-7B.
 
   python -m compact_jax.main --config=configs/llava15_7b.py --workdir=DIR
+  python -m compact_jax.main --config=configs/llava15_7b.py:tower=siglip --workdir=DIR
   python -m compact_jax.main --config=configs/llava15_7b.py:tiny --workdir=DIR   # CPU-sized
 
-LLaVA-1.5 itself uses CLIP ViT-L/14-336, whose class token and pre-LayerNorm the
-ViT here does not implement; SigLIP So400m/14 is the common replacement. The
-LM is Vicuna (LLaMA-2 knobs: plain RMSNorm eps 1e-5, SwiGLU, untied head),
-chat template Vicuna v1. LLaVA attends causally over image tokens: build the
-model with ``VLM(..., causal_image=True)`` (``hf.load_llava`` does).
+The tower is LLaVA-1.5's own: OpenAI CLIP ViT-L/14-336 (``clip-L/14``: class
+token, pre-LayerNorm, quick-GELU), features of the penultimate layer without
+the class token, 24 x 24 = 576 image tokens. Its inputs are CLIP-normalised
+pixels (mean 0.48145466, 0.4578275, 0.40821073; std 0.26862954, 0.26130258,
+0.27577711), not SigLIP's [-1, 1]. ``:tower=siglip`` swaps in the common
+replacement, SigLIP So400m/14 @ 384 (729 tokens). ``:tiny`` is a CPU-sized
+model on the SigLIP smoke tower (tests/train/test_flops.py hand-counts exactly
+that model); ``:tiny,tower=clip`` uses the CLIP smoke tower instead.
 
-Checkpoints (see /work/notes/modelzoo_readme.md for the full recipe):
+The LM is Vicuna (LLaMA-2 knobs: plain RMSNorm eps 1e-5, SwiGLU, untied head),
+chat template Vicuna v1. LLaVA attends causally over image tokens (``model.causal_image``, set here;
+``hf.load_llava`` builds its models the same way).
+
+Checkpoints (see the README's "Model zoo" for the full recipe):
   huggingface-cli download lmsys/vicuna-7b-v1.5 --local-dir /ckpt/vicuna-7b-v1.5
-  huggingface-cli download google/siglip-so400m-patch14-384 --local-dir /ckpt/so400m384
+  huggingface-cli download openai/clip-vit-large-patch14-336 --local-dir /ckpt/clip336 \\
+      --include "*.json" "*.safetensors"
   python -m compact_jax.checkpoints.cli hf-to-npz --kind=causal_lm \\
       --src=/ckpt/vicuna-7b-v1.5 --dst=/ckpt/vicuna7b.npz
-  python -m compact_jax.checkpoints.cli hf-to-npz --kind=siglip \\
-      --src=/ckpt/so400m384 --dst=/ckpt/so400m384.npz
+  python -m compact_jax.checkpoints.cli hf-to-npz --kind=clip \\
+      --src=/ckpt/clip336 --dst=/ckpt/clip336.npz
 then ``checkpoints.init_from_npz(model, path, {"params/llm/": "llm/"})`` (and
-``{"params/img/": "img/"}``) before training the connector.
+``{"params/img/": "img/"}``) before training the connector. The released
+LLaVA-1.5 (``llava-hf/llava-1.5-7b-hf``, all three parts) converts with
+``hf-to-npz --kind=llava``; ``npz-to-llava`` writes one back for transformers.
+(For SigLIP: ``google/siglip-so400m-patch14-384`` and ``--kind=siglip``.)
 """
 
 from __future__ import annotations
@@ -27,15 +39,23 @@ import ml_collections
 from compact_jax import configlib
 from configs import base
 
+# tower -> (vit_variant, image size): LLaVA-1.5's CLIP-L/14-336 (576 tokens) or
+# SigLIP So400m/14 @ 384 (729 tokens).
+TOWERS = {"clip": ("clip-L/14", 336), "siglip": ("So400m/14", 384)}
+
 
 def get_config(arg: str | None = None):
-  a = configlib.parse_arg(arg, tiny=False)
+  a = configlib.parse_arg(arg, tiny=False, tower="")
+  # "" = the default tower: LLaVA-1.5's CLIP, but SigLIP for :tiny (see the docstring).
+  tower = a.tower or ("siglip" if a.tiny else "clip")
+  if tower not in TOWERS:
+    raise ValueError(f"llava15_7b: tower must be one of {sorted(TOWERS)}, got {tower!r}")
   c = base.get_config()
-  c.model.vit_variant = "So400m/14"
-  c.data.image_size = 384
+  c.model.vit_variant, c.data.image_size = TOWERS[tower]
   c.model.vit_output_layer = -2  # LLaVA's penultimate-layer features
   c.model.connector = "mlp2x_gelu"
   c.model.llm_variant = "vicuna_7b"
+  c.model.causal_image = True  # LLaVA's image tokens attend causally, as HF LLaVA runs them
   c.model.dtype = "bfloat16"
   c.model.remat_policy = "nothing_saveable"
   c.data.template = "vicuna_v1"
@@ -71,8 +91,8 @@ def get_config(arg: str | None = None):
     (r"(img|llm)/" + base.NOT_LORA, None),
   )
   if a.tiny:
-    c.model.vit_variant = "smoke/16"
-    c.model.vit_output_layer = -1  # smoke/16 has one block
+    c.model.vit_variant = "clip-smoke/16" if tower == "clip" else "smoke/16"
+    c.model.vit_output_layer = -1  # the smoke towers have one block
     c.data.image_size = 64
     c.model.llm_variant = "smoke_llama"
     c.model.dtype = "float32"

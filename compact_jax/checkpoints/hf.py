@@ -1,9 +1,11 @@
-"""Hugging Face safetensors import and export for the decoder LMs, SigLIP and LLaVA.
+"""Hugging Face safetensors import and export for the decoder LMs, SigLIP, CLIP and LLaVA.
 
 Families: ``GemmaForCausalLM``, ``Gemma2ForCausalLM``, ``LlamaForCausalLM``
-(LLaMA-2/Vicuna, LLaMA-3), ``Qwen2ForCausalLM``, ``SiglipVisionModel`` and
-``LlavaForConditionalGeneration`` (SigLIP tower + mlp2x projector + any of the
-LMs). A checkpoint is a directory with ``config.json`` and either
+(LLaMA-2/Vicuna, LLaMA-3), ``Qwen2ForCausalLM``, ``SiglipVisionModel``,
+``CLIPVisionModel`` (or a ``CLIPModel``'s vision half) and
+``LlavaForConditionalGeneration`` (SigLIP or CLIP tower + mlp2x projector + any
+of the LMs; imported with ``load_llava``, written with ``export_llava``). A
+checkpoint is a directory with ``config.json`` and either
 ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Only
 safetensors are read: torch pickles (``*.bin``) are refused. No torch or
 transformers import happens here.
@@ -12,10 +14,13 @@ Typical use::
 
   model = hf.load_causal_lm("/ckpt/gemma-2b")            # a models.llm.Decoder
   hf.export_causal_lm(model, "gemma", "/out/gemma-2b")   # back to HF
+  vlm_model, info = hf.load_llava("/ckpt/llava-1.5-7b-hf")
+  hf.export_llava(vlm_model, "llama", "/out/llava", image_token_index=32000)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -209,6 +214,73 @@ def siglip_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
   return v, cfg["image_size"]
 
 
+def clip_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
+  """HF ``CLIPVisionConfig`` dict (or a ``CLIPConfig`` with ``vision_config``) ->
+  (variant, image size)."""
+  cfg = cfg.get("vision_config", cfg)
+  act = cfg.get("hidden_act", "quick_gelu")
+  if act != "quick_gelu":
+    raise ValueError(f"config.json: CLIP hidden_act {act!r} unsupported (need quick_gelu)")
+  if cfg.get("num_channels", 3) != 3:
+    raise ValueError(f"config.json: CLIP num_channels {cfg['num_channels']} unsupported (need 3)")
+  v = siglip.ViTVariant(
+    cfg["hidden_size"],
+    cfg["num_hidden_layers"],
+    cfg["intermediate_size"],
+    cfg["num_attention_heads"],
+    cfg["patch_size"],
+    **dict(siglip.CLIP, norm_eps=float(cfg.get("layer_norm_eps", 1e-5))),
+  )
+  return v, cfg["image_size"]
+
+
+# HF vision ``model_type`` -> its config reader.
+VISION_CONFIGS = {"siglip_vision_model": siglip_from_config, "clip_vision_model": clip_from_config}
+
+
+def vision_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
+  """A LLaVA ``vision_config`` (SigLIP or CLIP, by ``model_type``) -> (variant, image size)."""
+  kind = cfg.get("model_type", "siglip_vision_model")
+  if kind not in VISION_CONFIGS:
+    raise ValueError(
+      f"config.json: vision tower {kind!r} unsupported; known: {sorted(VISION_CONFIGS)}"
+    )
+  return VISION_CONFIGS[kind](cfg)
+
+
+def config_from_vit(v: siglip.ViTVariant, image_size: int) -> dict[str, Any]:
+  """The HF vision config (``SiglipVisionConfig`` or ``CLIPVisionConfig``) of a tower."""
+  cfg: dict[str, Any] = {
+    "hidden_size": v.width,
+    "intermediate_size": v.mlp_dim,
+    "num_hidden_layers": v.depth,
+    "num_attention_heads": v.num_heads,
+    "patch_size": v.patch_size,
+    "image_size": image_size,
+    "num_channels": 3,
+    "layer_norm_eps": v.norm_eps,
+    "attention_dropout": 0.0,
+  }
+  # Only the two families' exact knob sets exist in HF (e.g. no biased CLIP patch
+  # conv); the LayerNorm eps is a config field in both.
+  for knobs, extra in (
+    (siglip.CLIP, {"model_type": "clip_vision_model", "hidden_act": "quick_gelu"}),
+    (
+      siglip.FAMILIES["siglip"],
+      # VLMs use the per-patch tokens; HF would otherwise build (and init) a MAP head.
+      {
+        "model_type": "siglip_vision_model",
+        "hidden_act": "gelu_pytorch_tanh",
+        "vision_use_head": False,
+      },
+    ),
+  ):
+    base = siglip.ViTVariant(v.width, v.depth, v.mlp_dim, v.num_heads, v.patch_size, **knobs)
+    if v == dataclasses.replace(base, norm_eps=v.norm_eps):
+      return cfg | extra
+  raise ValueError(f"ViT variant {v} has no Hugging Face equivalent (neither SigLIP nor CLIP)")
+
+
 def _expected(model: nnx.Module) -> dict[str, tuple[int, ...]]:
   return vlm.param_paths(nnx.state(model))
 
@@ -269,6 +341,38 @@ def _write(tensors, out_dir, config, max_shard_bytes) -> None:
     json.dump(config, f, indent=1)
 
 
+def _load_vit(
+  path: str,
+  variant: siglip.ViTVariant,
+  size: int,
+  sections: list[tables.Section],
+  ignore: tuple[str, ...],
+  *,
+  image_size: int | None,
+  **vit_kw: Any,
+) -> siglip.ViT:
+  """Imports a vision tower; ``image_size`` != ``size`` resamples the patch position
+  embeddings (``siglip.resample_posemb``; a class token's position is kept)."""
+  image_size = image_size or size
+
+  def build(px: int) -> siglip.ViT:
+    return nnx.eval_shape(lambda: siglip.ViT(variant, image_size=px, rngs=nnx.Rngs(0), **vit_kw))
+
+  flat = convert.import_tensors(
+    open_weights(path), sections, _expected(build(size)), ignore=ignore, what=path
+  )
+  model = build(image_size)
+  if image_size != size:
+    grid = image_size // variant.patch_size
+    c = int(variant.class_token)
+    pe = flat["pos_embedding"]
+    flat["pos_embedding"] = np.concatenate(
+      [pe[:, :c], siglip.resample_posemb(pe[:, c:], grid)], axis=1
+    )
+  vlm.load_flat_params(model, flat)
+  return model
+
+
 def load_siglip_vision(
   path: str,
   *,
@@ -285,62 +389,92 @@ def load_siglip_vision(
   checkpoint's resamples the position embeddings (``siglip.resample_posemb``).
   """
   variant, size = siglip_from_config(read_config(path))
-  image_size = image_size or size
-
-  def build(px: int) -> siglip.ViT:
-    return nnx.eval_shape(
-      lambda: siglip.ViT(
-        variant,
-        image_size=px,
-        output_layer=output_layer,
-        pool_type=pool_type,
-        scan_layers=scan_layers,
-        dtype=dtype,
-        rngs=nnx.Rngs(0),
-      )
-    )
-
-  flat = convert.import_tensors(
-    open_weights(path),
+  return _load_vit(
+    path,
+    variant,
+    size,
     tables.siglip_sections(variant, map_head=pool_type == "map"),
-    _expected(build(size)),
-    ignore=() if pool_type == "map" else (tables.SIGLIP_HEAD,),
-    what=path,
+    () if pool_type == "map" else (tables.SIGLIP_HEAD,),
+    image_size=image_size,
+    output_layer=output_layer,
+    pool_type=pool_type,
+    scan_layers=scan_layers,
+    dtype=dtype,
   )
-  model = build(image_size)
-  if image_size != size:
-    grid = image_size // variant.patch_size
-    flat["pos_embedding"] = siglip.resample_posemb(flat["pos_embedding"], grid)
-  vlm.load_flat_params(model, flat)
-  return model
+
+
+def load_clip_vision(
+  path: str,
+  *,
+  output_layer: int = -1,
+  pool_type: str = "none",
+  scan_layers: bool = True,
+  dtype: str = "float32",
+  image_size: int | None = None,
+) -> siglip.ViT:
+  """A CLIP ``ViT`` from an HF ``CLIPVisionModel`` or ``CLIPModel`` directory
+  (OpenAI's ``openai/clip-vit-large-patch14-336``; the text tower is skipped).
+
+  ``output_layer=-n`` (n >= 2) gives HF's ``hidden_states[-n]`` without the class
+  token; -1 is the last block after ``post_layernorm`` (HF applies that norm to
+  the class token only: ``pool_type="tok"`` returns it as ``aux["pooled"]``, HF's
+  ``pooler_output``). Inputs are CLIP-normalised pixels, not SigLIP's [-1, 1].
+  An ``image_size`` other than the checkpoint's resamples the patch position
+  embeddings bilinearly (HF's ``interpolate_pos_encoding`` is bicubic).
+  """
+  variant, size = clip_from_config(read_config(path))
+  return _load_vit(
+    path,
+    variant,
+    size,
+    tables.clip_sections(variant),
+    tables.CLIP_IGNORE,
+    image_size=image_size,
+    output_layer=output_layer,
+    pool_type=pool_type,
+    scan_layers=scan_layers,
+    dtype=dtype,
+  )
+
+
+# LLaVA's vision_feature_select_strategy per tower family: "default" drops CLIP's
+# class token (as ``siglip.ViT`` does); SigLIP has none, so its LLaVAs use "full".
+SELECT_STRATEGY = {"clip": "default", "siglip": "full"}
+# A SigLIP tower's MAP head (never used by LLaVA) and CLIP's old position_ids buffer.
+_LLAVA_IGNORE = (
+  *IGNORE,
+  tables.SIGLIP_HEAD,
+  r"(?:^|\.)vision_tower\.(?:vision_model\.)?head\.",
+  tables.CLIP_IGNORE[1],
+)
 
 
 def load_llava(
   path: str, *, scan_layers: bool = True, dtype: str = "float32"
 ) -> tuple[vlm.VLM, dict[str, Any]]:
   """A ``VLM`` (causal image attention, LLaVA's feature layer) from an HF
-  ``LlavaForConditionalGeneration`` directory with a SigLIP tower and mlp2x projector.
+  ``LlavaForConditionalGeneration`` directory with a SigLIP or CLIP tower and
+  the mlp2x projector (e.g. ``llava-hf/llava-1.5-7b-hf``: CLIP-L/14-336, layer -2).
 
   Returns (model, info) with info "image_token_index" (the placeholder id in
   HF's vocabulary) and "family".
   """
   cfg = read_config(path)
   vcfg, tcfg = cfg["vision_config"], cfg["text_config"]
-  if vcfg.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-    raise ValueError(
-      f"{path}: vision tower {vcfg.get('model_type')!r} unsupported (only SigLIP; CLIP's class "
-      "token and pre-LayerNorm are not implemented)"
-    )
+  vit_v, size = vision_from_config(vcfg)
   if cfg.get("projector_hidden_act", "gelu") != "gelu":
     raise ValueError(f"{path}: projector_hidden_act must be 'gelu' (mlp2x_gelu)")
-  if cfg.get("vision_feature_select_strategy", "default") != "full":
+  if not cfg.get("multimodal_projector_bias", True):
+    raise ValueError(f"{path}: multimodal_projector_bias=false unsupported (mlp2x has biases)")
+  strategy = cfg.get("vision_feature_select_strategy", "default")
+  if strategy != SELECT_STRATEGY[vit_v.family]:
     raise ValueError(
-      f"{path}: vision_feature_select_strategy must be 'full' for SigLIP (no CLS token to drop)"
+      f"{path}: vision_feature_select_strategy {strategy!r} unsupported for a "
+      f"{vit_v.family} tower (need {SELECT_STRATEGY[vit_v.family]!r}: the patches only)"
     )
   layer = cfg.get("vision_feature_layer", -2)
   if not isinstance(layer, int):
     raise ValueError(f"{path}: multi-layer vision_feature_layer {layer} unsupported")
-  vit_v, size = siglip_from_config(vcfg)
   family, llm_v, vocab = llm_from_config(tcfg)
   # HF's hidden_states[-n] is our output_layer -n (see siglip.Encoder); -1 in HF
   # would be the raw last block, which only differs from ours by post_layernorm.
@@ -360,12 +494,11 @@ def load_llava(
       rngs=nnx.Rngs(0),
     )
   )
-  ignore = (*IGNORE, tables.SIGLIP_HEAD, r"(?:^|\.)vision_tower\.(?:vision_model\.)?head\.")
   flat = convert.import_tensors(
     open_weights(path),
     tables.llava_sections(vit_v, family, llm_v),
     _expected(model),
-    ignore=ignore,
+    ignore=_LLAVA_IGNORE,
     what=path,
   )
   vlm.load_flat_params(model, flat)
@@ -373,3 +506,71 @@ def load_llava(
     "image_token_index": cfg.get("image_token_index", cfg.get("image_token_id")),
     "family": family,
   }
+
+
+def llava_config(model: vlm.VLM, family: str, *, image_token_index: int) -> dict[str, Any]:
+  """The ``LlavaConfig`` dict of ``model`` (inverse of what ``load_llava`` reads).
+
+  Raises ValueError for a model HF's LLaVA computes differently: a connector other
+  than mlp2x_gelu, the last-layer features (HF's -1 skips ``post_layernorm``), a
+  full-attention image prefix (HF's LM is causal), or a placeholder id outside the
+  vocabulary.
+  """
+  vit = model.img
+  names = set(vlm.param_paths(nnx.state(model)))
+  if vit.head is not None or {k for k in names if k.startswith("connector/")} != {
+    f"connector/Dense_{i}/{p}" for i in (0, 1) for p in ("kernel", "bias")
+  }:
+    raise ValueError("export_llava: LLaVA needs the mlp2x_gelu connector")
+  layer = vit.Transformer.output_layer
+  if layer == -1:
+    raise ValueError(
+      "export_llava: vit output_layer=-1 includes encoder_norm, which HF LLaVA's "
+      "vision_feature_layer=-1 does not apply; use a model with output_layer <= -2"
+    )
+  if not model.causal_image:
+    raise ValueError(
+      "export_llava: the model attends over its image tokens as a full-attention prefix "
+      "(causal_image=False), HF LLaVA causally; build it with VLM(..., causal_image=True)"
+    )
+  vocab = model.llm.vocab_size
+  if not 0 <= image_token_index < vocab:
+    raise ValueError(f"export_llava: image_token_index {image_token_index} not in [0, {vocab})")
+  text = config_from_llm(family, model.llm.variant, vocab)
+  return {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "vision_config": config_from_vit(vit.variant, vit.image_size),
+    "text_config": text,
+    "image_token_index": image_token_index,
+    "image_seq_length": model.num_image_tokens,
+    "projector_hidden_act": "gelu",
+    "multimodal_projector_bias": True,
+    "vision_feature_layer": layer,
+    "vision_feature_select_strategy": SELECT_STRATEGY[vit.variant.family],
+    "tie_word_embeddings": text["tie_word_embeddings"],
+  }
+
+
+def export_llava(
+  model: vlm.VLM,
+  family: str,
+  out_dir: str,
+  *,
+  image_token_index: int,
+  dtype: Any = np.float32,
+  max_shard_bytes: int | None = None,
+) -> None:
+  """Writes ``model`` as an HF ``LlavaForConditionalGeneration`` directory
+  (safetensors + config.json) that ``from_pretrained`` loads.
+
+  ``family`` names the LM's HF family (``tables.FAMILIES``); merge LoRA adapters
+  first (``lora.merge_lora``): an unmerged adapter is an error naming it. Token
+  ids: HF LLaVA replaces every ``image_token_index`` in ``input_ids`` with the
+  image features, so prompts put ``model.num_image_tokens`` of them first.
+  """
+  config = llava_config(model, family, image_token_index=image_token_index)
+  flat = {k: np.asarray(x) for k, x in vlm.flat_params(nnx.state(model)).items()}
+  sections = tables.llava_sections(model.img.variant, family, model.llm.variant)
+  tensors = convert.export_tensors(flat, sections, dtype=dtype)
+  _write(tensors, out_dir, config, max_shard_bytes)

@@ -165,22 +165,16 @@ def causal_lm_sections(family: str, v: llm.LLMVariant, ours_prefix: str = "") ->
   return sections
 
 
-# --- SigLIP vision tower ------------------------------------------------------------------
+# --- SigLIP and CLIP vision towers ------------------------------------------------------
 
 
-def siglip_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
-  """HF ``SiglipVisionModel`` body (under ``vision_model.``) -> big_vision ``img/`` names."""
+def _encoder_rules(v: siglip.ViTVariant) -> list[Rule]:
+  """The blocks under ``encoder.layers.{i}.``: the same names in SigLIP and CLIP."""
   n, h = v.num_heads, v.head_dim
   layer = "encoder.layers.{i}."
   ours = "Transformer/encoderblock_{i}/"
   att = ours + "MultiHeadDotProductAttention_0/"
-  rules = [
-    Rule("embeddings.patch_embedding.weight", "embedding/kernel", PATCH),
-    Rule("embeddings.patch_embedding.bias", "embedding/bias"),
-    Rule("embeddings.position_embedding.weight", "pos_embedding", POSEMB),
-    Rule("post_layernorm.weight", "Transformer/encoder_norm/scale"),
-    Rule("post_layernorm.bias", "Transformer/encoder_norm/bias"),
-  ]
+  rules = []
   for hf_ln, ours_ln in (("layer_norm1", "LayerNorm_0"), ("layer_norm2", "LayerNorm_1")):
     rules.append(Rule(f"{layer}{hf_ln}.weight", f"{ours}{ours_ln}/scale"))
     rules.append(Rule(f"{layer}{hf_ln}.bias", f"{ours}{ours_ln}/bias"))
@@ -194,7 +188,53 @@ def siglip_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
   for hf_fc, ours_d in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
     rules.append(Rule(f"{layer}mlp.{hf_fc}.weight", f"{ours}MlpBlock_0/{ours_d}/kernel", TRANSPOSE))
     rules.append(Rule(f"{layer}mlp.{hf_fc}.bias", f"{ours}MlpBlock_0/{ours_d}/bias"))
-  return tuple(rules)
+  return rules
+
+
+def siglip_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
+  """HF ``SiglipVisionModel`` body (under ``vision_model.``) -> big_vision ``img/`` names."""
+  if v.family != "siglip":
+    raise ValueError(f"siglip_rules: {v} is a {v.family} variant")
+  rules = [
+    Rule("embeddings.patch_embedding.weight", "embedding/kernel", PATCH),
+    Rule("embeddings.patch_embedding.bias", "embedding/bias"),
+    Rule("embeddings.position_embedding.weight", "pos_embedding", POSEMB),
+    Rule("post_layernorm.weight", "Transformer/encoder_norm/scale"),
+    Rule("post_layernorm.bias", "Transformer/encoder_norm/bias"),
+  ]
+  return tuple(rules + _encoder_rules(v))
+
+
+# HF class_embedding [D] <-> big_vision cls [1, 1, D].
+CLS = Transform("cls", lambda x: x.reshape(1, 1, -1), lambda y: y.reshape(-1))
+
+
+def clip_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
+  """HF ``CLIPVisionModel`` body (under ``vision_model.``) -> our ``img/`` names.
+
+  ``cls`` is big_vision's class-token name; ``pre_norm`` (HF ``pre_layrnorm``,
+  sic) is ours, since big_vision's ViT has no pre-encoder norm. The position
+  embedding ``[1 + N, D]`` keeps the class position first. CLIP's patch conv
+  has no bias. ``post_layernorm`` is our ``encoder_norm`` (HF applies it to
+  the pooled class token only; LayerNorm acts per token, so it is the same map).
+  """
+  if v.family != "clip":
+    raise ValueError(f"clip_rules: {v} is not a CLIP (class-token) variant")
+  rules = [
+    Rule("embeddings.class_embedding", "cls", CLS),
+    Rule("embeddings.patch_embedding.weight", "embedding/kernel", PATCH),
+    Rule("embeddings.position_embedding.weight", "pos_embedding", POSEMB),
+    Rule("pre_layrnorm.weight", "pre_norm/scale"),
+    Rule("pre_layrnorm.bias", "pre_norm/bias"),
+    Rule("post_layernorm.weight", "Transformer/encoder_norm/scale"),
+    Rule("post_layernorm.bias", "Transformer/encoder_norm/bias"),
+  ]
+  return tuple(rules + _encoder_rules(v))
+
+
+def vision_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
+  """``clip_rules`` or ``siglip_rules``, by the variant's family."""
+  return clip_rules(v) if v.family == "clip" else siglip_rules(v)
 
 
 def map_head_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
@@ -228,6 +268,12 @@ def map_head_rules(v: siglip.ViTVariant) -> tuple[Rule, ...]:
 
 # Skips the MAP head when importing into ViT(pool_type="none"), which is what VLMs use.
 SIGLIP_HEAD = r"^(?:vision_model\.)?head\."
+# A full HF ``CLIPModel`` (OpenAI's repos) also holds the text tower and both
+# projections, and older files saved the ``position_ids`` buffer.
+CLIP_IGNORE = (
+  r"^(?:text_model\.|visual_projection\.|text_projection\.|logit_scale$)",
+  r"embeddings\.position_ids$",
+)
 
 
 def siglip_sections(
@@ -236,6 +282,12 @@ def siglip_sections(
   """``SiglipVisionModel``: saved files use ``vision_model.``; transformers 5 drops it in memory."""
   rules = siglip_rules(v) + (map_head_rules(v) if map_head else ())
   return [Section(("vision_model.", ""), ours_prefix, rules)]
+
+
+def clip_sections(v: siglip.ViTVariant, ours_prefix: str = "") -> list[Section]:
+  """``CLIPVisionModel`` (transformers 5 saves it without a prefix) or the
+  ``vision_model.`` half of a ``CLIPModel`` (``CLIP_IGNORE`` skips the rest)."""
+  return [Section(("", "vision_model."), ours_prefix, clip_rules(v))]
 
 
 MLP2X = (
@@ -247,31 +299,32 @@ MLP2X = (
 
 
 def llava_sections(vit: siglip.ViTVariant, family: str, v: llm.LLMVariant) -> list[Section]:
-  """``LlavaForConditionalGeneration`` with a SigLIP tower and the mlp2x projector.
+  """``LlavaForConditionalGeneration`` with a SigLIP or CLIP tower and the mlp2x projector.
 
   Both the legacy (``vision_tower.vision_model.``, ``language_model.model.``,
   ``language_model.lm_head``) and the transformers >= 4.52 in-memory names
   (``model.vision_tower.``, ``model.language_model.``, ``lm_head``) load, as
-  does transformers 5's saved ``vision_tower.`` (no ``vision_model.``).
+  does transformers 5's saved ``vision_tower.`` (no ``vision_model.``). Export
+  writes the first spelling of each, which is what transformers 5 saves.
   """
   sections = [
     Section(
       (
-        "model.vision_tower.",
-        "vision_tower.vision_model.",
-        "model.vision_tower.vision_model.",
         "vision_tower.",
+        "vision_tower.vision_model.",
+        "model.vision_tower.",
+        "model.vision_tower.vision_model.",
       ),
       "img/",
-      siglip_rules(vit),
+      vision_rules(vit),
     ),
-    Section(("model.multi_modal_projector.", "multi_modal_projector."), "connector/", MLP2X),
-    Section(("model.language_model.", "language_model.model."), "llm/", llm_rules(family, v)),
+    Section(("multi_modal_projector.", "model.multi_modal_projector."), "connector/", MLP2X),
+    Section(("language_model.model.", "model.language_model."), "llm/", llm_rules(family, v)),
   ]
   if not v.tie_embeddings:
     sections.append(
       Section(
-        ("", "language_model."), "llm/", (Rule("lm_head.weight", "embedder/output_embedding"),)
+        ("language_model.", ""), "llm/", (Rule("lm_head.weight", "embedder/output_embedding"),)
       )
     )
   return sections

@@ -1,4 +1,5 @@
-"""SigLIP-style ViT image encoder (big_vision ``models/vit.py`` names, ``pool_type="none"``).
+"""SigLIP-style ViT image encoder (big_vision ``models/vit.py`` names, ``pool_type="none"``),
+with CLIP's ViT as a variant family of the same implementation.
 
 Einsum letters:
   B batch, T query len, S key len, N heads, H head dim, D model dim, F mlp dim,
@@ -8,6 +9,17 @@ The parameter tree matches big_vision's so its npz checkpoints load by name
 (see ``reference_codebases.md`` §3.2): ``embedding/{kernel,bias}``,
 ``pos_embedding``, ``Transformer/encoderblock/...`` (stacked on a leading layer
 axis when scanned, ``encoderblock_{i}`` otherwise) and ``Transformer/encoder_norm``.
+
+CLIP towers (``"clip-L/14"``; OpenAI CLIP, HF ``CLIPVisionModel``, LLaVA-1.5's
+tower) differ only in knobs of ``ViTVariant``: a class token, a LayerNorm before
+the encoder, quick-GELU, LayerNorm eps 1e-5 and a patch conv without bias. They
+add two params: ``cls float32[1, 1, D]`` (big_vision's name for its
+``pool_type="tok"`` token) and ``pre_norm/{scale,bias}`` (a name we invented:
+big_vision's ViT has no pre-encoder norm; HF ``pre_layrnorm``, OpenAI
+``ln_pre``); ``pos_embedding`` is then ``[1, 1 + N, D]`` with the class
+position first (big_vision adds no position to its class token). The class
+token is dropped from the per-patch output, as LLaVA's "default" feature
+selection does, so a CLIP tower yields the same N tokens as a SigLIP one.
 """
 
 from __future__ import annotations
@@ -34,19 +46,51 @@ from compact_jax.sharding import constrain, param
 ACT = ("act_batch", "act_len", "act_embed")
 
 
+# MLP activations by name: SigLIP's tanh GELU, CLIP's x * sigmoid(1.702 x).
+ACTIVATIONS = {
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTVariant:
-  """A ViT's size. ``head_dim`` is ``width // num_heads`` as in big_vision."""
+  """A ViT's size and family knobs. ``head_dim`` is ``width // num_heads`` as in big_vision.
+
+  The defaults are SigLIP's; ``CLIP`` holds the CLIP family's knobs:
+    class_token: prepend a learned ``cls`` token (with its own position embedding).
+    pre_norm: a LayerNorm (``pre_norm``) between the embeddings and the encoder.
+    patch_bias: the patch conv has a bias (``embedding/bias``).
+    mlp_act: an ``ACTIVATIONS`` key.
+    norm_eps: every LayerNorm's epsilon.
+    pixel_norm: None (the input is used as is) or per-channel ``(mean, std)``
+      of [0, 1] pixels: the tower takes the pipeline's [-1, 1] images and
+      renormalises them to what its checkpoint was trained on (CLIP's
+      ``CLIPImageProcessor`` statistics), so every tower sees one batch format.
+  """
 
   width: int
   depth: int
   mlp_dim: int
   num_heads: int
   patch_size: int
+  class_token: bool = False
+  pre_norm: bool = False
+  patch_bias: bool = True
+  mlp_act: str = "gelu_tanh"
+  norm_eps: float = 1e-6
+  pixel_norm: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
 
   def __post_init__(self):
     if self.width % self.num_heads:
       raise ValueError(f"ViT width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.mlp_act not in ACTIVATIONS:
+      raise ValueError(f"ViT mlp_act {self.mlp_act!r} unknown; known: {sorted(ACTIVATIONS)}")
+
+  @property
+  def family(self) -> str:
+    """Which HF vision model this converts to: "clip" (class token) or "siglip"."""
+    return "clip" if self.class_token else "siglip"
 
   @property
   def head_dim(self) -> int:
@@ -64,6 +108,21 @@ VARIANTS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# OpenAI CLIP's pixel mean and std (HF CLIPImageProcessor image_mean / image_std).
+CLIP_PIXELS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+# Family prefix of a variant string ("clip-L/14") -> its ``ViTVariant`` knobs;
+# no prefix (or "siglip-") is SigLIP. CLIP's are OpenAI CLIP's (HF CLIPVisionConfig:
+# hidden_act "quick_gelu", layer_norm_eps 1e-5, Conv2d(bias=False), pre_layrnorm).
+CLIP = dict(
+  class_token=True,
+  pre_norm=True,
+  patch_bias=False,
+  mlp_act="quick_gelu",
+  norm_eps=1e-5,
+  pixel_norm=CLIP_PIXELS,
+)
+FAMILIES: dict[str, dict] = {"siglip": {}, "clip": CLIP}
+
 # Released towers (HF repo ids; big_vision's npz files hold the same weights) at
 # the resolutions the MLLM literature uses. Tokens = (image_size / patch)^2.
 # So400m/14@448 has no SigLIP 1 release: PaliGemma-448 resamples the 384/224
@@ -76,6 +135,13 @@ RELEASES: dict[str, tuple[str, int, str | None]] = {
   "So400m/14@384": ("So400m/14", 384, "google/siglip-so400m-patch14-384"),  # 729 tokens
   "So400m/14@448": ("So400m/14", 448, None),  # 1024 tokens, resampled
 }
+# OpenAI CLIP towers (HF ``CLIPModel`` repos; their ``vision_model.*`` load with
+# ``hf.load_clip_vision``). LLaVA-1.5 uses clip-L/14@336 at layer -2: 24 x 24 = 576 tokens.
+CLIP_RELEASES: dict[str, tuple[str, int, str]] = {
+  "clip-B/16@224": ("clip-B/16", 224, "openai/clip-vit-base-patch16"),  # 196 tokens
+  "clip-L/14@224": ("clip-L/14", 224, "openai/clip-vit-large-patch14"),  # 256 tokens
+  "clip-L/14@336": ("clip-L/14", 336, "openai/clip-vit-large-patch14-336"),  # 576 tokens
+}
 
 
 def decode_tower(name: str) -> tuple[ViTVariant, int]:
@@ -85,7 +151,8 @@ def decode_tower(name: str) -> tuple[ViTVariant, int]:
   m = re.fullmatch(r"(.+)@(\d+)", name)
   if not m:
     raise ValueError(
-      f"Unknown SigLIP tower {name!r}; expected NAME/PATCH@SIZE, e.g. {list(RELEASES)}"
+      f"Unknown ViT tower {name!r}; expected NAME/PATCH@SIZE, e.g. "
+      f"{list(RELEASES) + list(CLIP_RELEASES)}"
     )
   v, size = decode_variant(m.group(1)), int(m.group(2))
   if size < v.patch_size:
@@ -94,14 +161,18 @@ def decode_tower(name: str) -> tuple[ViTVariant, int]:
 
 
 def decode_variant(name: str) -> ViTVariant:
-  """Parses ``"So400m/14"`` into a ``ViTVariant`` (any patch size after the slash)."""
-  m = re.fullmatch(r"([A-Za-z0-9]+)/(\d+)", name)
-  if not m or m.group(1) not in VARIANTS:
+  """Parses ``"So400m/14"`` (SigLIP) or ``"clip-L/14"`` into a ``ViTVariant``
+  (any patch size after the slash; an optional ``FAMILIES`` prefix)."""
+  m = re.fullmatch(r"(?:([a-z]+)-)?([A-Za-z0-9]+)/(\d+)", name)
+  if not m or m.group(2) not in VARIANTS or (m.group(1) or "siglip") not in FAMILIES:
     raise ValueError(
-      f"Unknown ViT variant {name!r}; expected NAME/PATCH with NAME in {list(VARIANTS)}"
+      f"Unknown ViT variant {name!r}; expected [FAMILY-]NAME/PATCH with FAMILY in "
+      f"{list(FAMILIES)} and NAME in {list(VARIANTS)}"
     )
-  width, depth, mlp_dim, heads = VARIANTS[m.group(1)]
-  return ViTVariant(width, depth, mlp_dim, heads, int(m.group(2)))
+  width, depth, mlp_dim, heads = VARIANTS[m.group(2)]
+  return ViTVariant(
+    width, depth, mlp_dim, heads, int(m.group(3)), **FAMILIES[m.group(1) or "siglip"]
+  )
 
 
 def lecun_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -202,23 +273,25 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MlpBlock(nnx.Module):
-  """Dense -> GELU (tanh approximation, as big_vision and HF SigLIP) -> Dense."""
+  """Dense -> the variant's activation (SigLIP: tanh GELU as big_vision and HF;
+  CLIP: quick-GELU) -> Dense."""
 
   def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
     self.Dense_0 = Dense(v.width, v.mlp_dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.Dense_1 = Dense(v.mlp_dim, v.width, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.act = v.mlp_act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.Dense_1(jax.nn.gelu(self.Dense_0(x), approximate=True))
+    return self.Dense_1(ACTIVATIONS[self.act](self.Dense_0(x)))
 
 
 class EncoderBlock(nnx.Module):
   """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
   def __init__(self, v: ViTVariant, *, dtype: str, rngs: nnx.Rngs):
-    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype)
+    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype, eps=v.norm_eps)
     self.MultiHeadDotProductAttention_0 = MultiHeadAttention(v, dtype=dtype, rngs=rngs)
-    self.LayerNorm_1 = LayerNorm(v.width, dtype=dtype)
+    self.LayerNorm_1 = LayerNorm(v.width, dtype=dtype, eps=v.norm_eps)
     self.MlpBlock_0 = MlpBlock(v, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -237,7 +310,7 @@ class MAPHead(nnx.Module):
     probe = jax.random.normal(rngs.params(), (1, 1, v.width)) / math.sqrt(v.width)
     self.probe = param(probe, (None, None, "embed"))
     self.MultiHeadDotProductAttention_0 = MultiHeadAttention(v, dtype=dtype, rngs=rngs)
-    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype)
+    self.LayerNorm_0 = LayerNorm(v.width, dtype=dtype, eps=v.norm_eps)
     self.MlpBlock_0 = MlpBlock(v, dtype=dtype, rngs=rngs)
     self.dtype = compute_dtype(dtype)
 
@@ -321,7 +394,7 @@ class Encoder(nnx.Module):
     else:
       for i in range(v.depth):
         setattr(self, f"encoderblock_{i}", make(rngs))
-    self.encoder_norm = LayerNorm(v.width, dtype=dtype)
+    self.encoder_norm = LayerNorm(v.width, dtype=dtype, eps=v.norm_eps)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float[B, T, D] -> float[B, T, D]."""
@@ -345,14 +418,16 @@ class PatchEmbedding(nnx.Module):
   """A stride-P PxP conv, written as a reshape plus an einsum.
 
   ``kernel float32[P, P, 3, D]`` is the conv's HWIO kernel, so big_vision's
-  ``embedding/kernel`` loads unchanged.
+  ``embedding/kernel`` loads unchanged. ``use_bias=False`` (CLIP) drops ``bias``.
   """
 
-  def __init__(self, patch: int, dim: int, *, dtype: str, rngs: nnx.Rngs):
+  def __init__(self, patch: int, dim: int, *, dtype: str, rngs: nnx.Rngs, use_bias: bool = True):
     fan_in = patch * patch * 3
     kernel = lecun_normal(rngs.params(), (patch, patch, 3, dim), fan_in)
     self.kernel = param(kernel, ("patch", "patch", "channels", "embed"))
-    self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+    if use_bias:
+      self.bias = param(jnp.zeros((dim,), jnp.float32), ("embed",))
+    self.use_bias = use_bias
     self.patch = patch
     self.dtype = compute_dtype(dtype)
 
@@ -364,22 +439,36 @@ class PatchEmbedding(nnx.Module):
     image = image[:, : h // p * p, : w // p * p]
     x = image.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
     x = jnp.einsum("BYPXQC,PQCD->BYXD", x, weight(self, "kernel").astype(self.dtype))
-    x = x + self.bias[...].astype(self.dtype)
+    if self.use_bias:
+      x = x + self.bias[...].astype(self.dtype)
     return x.reshape(b, (h // p) * (w // p), -1)
 
 
+def normalize_pixels(
+  image: jax.Array, pixel_norm: tuple[tuple[float, ...], tuple[float, ...]] | None
+) -> jax.Array:
+  """float32[..., 3] in [-1, 1] -> ``((image + 1) / 2 - mean) / std`` (or unchanged)."""
+  if pixel_norm is None:
+    return image
+  mean, std = (jnp.asarray(a, jnp.float32) for a in pixel_norm)
+  return ((image.astype(jnp.float32) + 1.0) * 0.5 - mean) / std
+
+
 class ViT(nnx.Module):
-  """SigLIP image tower without pooling: one output token per patch.
+  """SigLIP (or CLIP) image tower without pooling: one output token per patch.
 
   Args:
-    variant: a ``VARIANTS`` string such as ``"So400m/14"`` or a ``ViTVariant``.
+    variant: a ``VARIANTS`` string such as ``"So400m/14"`` or ``"clip-L/14"``,
+      or a ``ViTVariant``.
     image_size: input side in pixels; a remainder modulo the patch size is
       ignored, as by big_vision's and HF's VALID patch conv.
     output_layer: see ``Encoder``.
     head: an optional projection applied to the features (big_vision's
       ``img/head``; PaliGemma's linear connector lives here).
-    pool_type: "none" (per-patch tokens only) or "map" (also a MAP-pooled
-      vector, ``MAPHead_0``, in ``aux["pooled"]``; needs ``output_layer=-1``).
+    pool_type: "none" (per-patch tokens only), "map" (also a MAP-pooled
+      vector, ``MAPHead_0``, in ``aux["pooled"]``; needs ``output_layer=-1``) or
+      "tok" (the class token after ``encoder_norm`` in ``aux["pooled"]``, HF
+      CLIP's ``pooler_output``; needs a class-token variant and ``output_layer=-1``).
     scan_layers: stack the blocks and run them with ``lax.scan``.
     remat_policy: a ``compact_jax.models.REMAT_POLICIES`` key.
     dtype: compute dtype name; params stay float32.
@@ -402,13 +491,30 @@ class ViT(nnx.Module):
     _check_output_layer(output_layer, v.depth)
     if image_size < v.patch_size:
       raise ValueError(f"image_size {image_size} is smaller than the patch size {v.patch_size}")
+    if pool_type not in ("none", "map", "tok"):
+      raise ValueError(f"ViT pool_type must be 'none', 'map' or 'tok', got {pool_type!r}")
+    if pool_type != "none" and output_layer != -1:
+      raise ValueError(
+        f"ViT pool_type={pool_type!r} pools the last layer; it needs output_layer=-1"
+      )
+    if pool_type == "tok" and not v.class_token:
+      raise ValueError("ViT pool_type='tok' needs a class-token variant (e.g. clip-L/14)")
     self.variant = v
     self.image_size = image_size
     self.num_patches = (image_size // v.patch_size) ** 2
-    self.embedding = PatchEmbedding(v.patch_size, v.width, dtype=dtype, rngs=rngs)
+    self.embedding = PatchEmbedding(
+      v.patch_size, v.width, dtype=dtype, rngs=rngs, use_bias=v.patch_bias
+    )
     # big_vision's "learn" posemb init: normal with stddev 1/sqrt(width).
-    posemb = jax.random.normal(rngs.params(), (1, self.num_patches, v.width)) / math.sqrt(v.width)
+    num_pos = self.num_patches + int(v.class_token)
+    posemb = jax.random.normal(rngs.params(), (1, num_pos, v.width)) / math.sqrt(v.width)
     self.pos_embedding = param(posemb, (None, "position", "embed"))
+    if v.class_token:
+      # OpenAI CLIP's init (scale * randn); big_vision would use zeros.
+      cls = jax.random.normal(rngs.params(), (1, 1, v.width)) / math.sqrt(v.width)
+      self.cls = param(cls, (None, None, "embed"))
+    if v.pre_norm:
+      self.pre_norm = LayerNorm(v.width, dtype=dtype, eps=v.norm_eps)
     self.Transformer = Encoder(
       v,
       output_layer=output_layer,
@@ -418,11 +524,7 @@ class ViT(nnx.Module):
       rngs=rngs,
     )
     self.head = head
-    if pool_type not in ("none", "map"):
-      raise ValueError(f"ViT pool_type must be 'none' or 'map', got {pool_type!r}")
     if pool_type == "map":
-      if output_layer != -1:
-        raise ValueError("ViT pool_type='map' pools the last layer; it needs output_layer=-1")
       self.MAPHead_0 = MAPHead(v, dtype=dtype, rngs=rngs)
     self.pool_type = pool_type
     self.dtype = compute_dtype(dtype)
@@ -431,24 +533,38 @@ class ViT(nnx.Module):
     """Encodes images.
 
     Args:
-      image: float32[B, H, W, 3] in SigLIP's [-1, 1] range, H = W = image_size.
+      image: float32[B, H, W, 3] in [-1, 1] (the data pipeline's range; a
+        variant with ``pixel_norm``, e.g. CLIP, renormalises it), H = W = image_size.
 
     Returns:
-      (float[B, N, D_out], aux): N = (image_size / P)^2 tokens, D_out the
-      head's output width (or the ViT width without a head). aux holds
-      "stem" float[B, N, D] (patches + posemb), "encoded" float[B, N, D] and,
-      with ``pool_type="map"``, "pooled" float[B, D].
+      (float[B, N, D_out], aux): N = (image_size / P)^2 tokens (a class token
+      is dropped), D_out the head's output width (or the ViT width without a
+      head). With C = 1 for a class-token variant and 0 otherwise, aux holds
+      "stem" float[B, C + N, D] (the encoder's input: [class token;] patches +
+      posemb [, pre_norm]), "encoded" float[B, C + N, D] (class token first)
+      and, with ``pool_type`` "map" or "tok", "pooled" float[B, D].
     """
     if image.ndim != 4 or image.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(
         f"ViT expects images float32[B, {self.image_size}, {self.image_size}, 3], got shape {image.shape}"
       )
-    x = self.embedding(image) + self.pos_embedding[...].astype(self.dtype)
+    x = self.embedding(normalize_pixels(image, self.variant.pixel_norm))
+    if self.variant.class_token:
+      cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + self.pos_embedding[...].astype(self.dtype)
+    if self.variant.pre_norm:
+      x = self.pre_norm(x)
     x = constrain(x, ACT)
     aux = {"stem": x}
     x = aux["encoded"] = self.Transformer(x)
     if self.pool_type == "map":
       aux["pooled"] = self.MAPHead_0(x)
+    elif self.pool_type == "tok":
+      aux["pooled"] = x[:, 0]
+    if self.variant.class_token:
+      # LLaVA's "default" feature selection: the patches, without the class token.
+      x = x[:, 1:]
     if self.head is not None:
       x = self.head(x)
     return x, aux

@@ -139,6 +139,8 @@ class VLM(nnx.Module):
       scan_layers=c.scan_layers,
       remat_policy=c.remat_policy,
       dtype=c.dtype,
+      # Checkpoints saved before the key existed restore a model config without it.
+      causal_image=c.get("causal_image", False),
       rngs=rngs,
     )
 

@@ -187,17 +187,22 @@ class _Stages:
 def _vit_sites(
   v: siglip.ViTVariant, *, image_size: int, output_layer: int, scan: bool, batch: int, st: _Stages
 ) -> list[Site]:
-  p = (image_size // v.patch_size) ** 2
+  patches = (image_size // v.patch_size) ** 2
+  # A class token (CLIP) is one more row through every block, but not through the conv.
+  p = patches + int(v.class_token)
   rows = batch * p
   d, f = v.width, v.mlp_dim
+  stem = ("img/embedding/kernel", "img/pos_embedding")
+  stem += ("img/embedding/bias",) * v.patch_bias + ("img/cls",) * v.class_token
+  stem += ("img/pre_norm/scale", "img/pre_norm/bias") * v.pre_norm
   sites = [
     Site(
       "img/embedding",
       "img",
       st.next(),
-      2.0 * rows * v.patch_size**2 * 3 * d,
+      2.0 * batch * patches * v.patch_size**2 * 3 * d,
       "img/embedding/kernel",
-      ("img/embedding/kernel", "img/embedding/bias", "img/pos_embedding"),
+      stem,
       operands=0,
     )
   ]

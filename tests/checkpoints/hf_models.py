@@ -122,7 +122,27 @@ def siglip_vision_config(use_head: bool = True) -> T.SiglipVisionConfig:
   )
 
 
-def llava(seed: int = 0) -> torch.nn.Module:
+def clip_vision_config(depth: int = 2) -> T.CLIPVisionConfig:
+  # HF defaults for the family knobs: quick_gelu, layer_norm_eps 1e-5, no patch bias.
+  return T.CLIPVisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=depth,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=8,
+  )
+
+
+# LLaVA tower -> (vision config, vision_feature_select_strategy): CLIP's "default"
+# drops the class token, SigLIP (none to drop) needs "full".
+LLAVA_TOWERS = {
+  "siglip": (lambda: siglip_vision_config(use_head=False), "full"),
+  "clip": (clip_vision_config, "default"),
+}
+
+
+def llava(seed: int = 0, tower: str = "siglip") -> torch.nn.Module:
   text = T.LlamaConfig(
     vocab_size=VOCAB,
     hidden_size=48,
@@ -132,16 +152,38 @@ def llava(seed: int = 0) -> torch.nn.Module:
     num_key_value_heads=2,
     rms_norm_eps=1e-5,
   )
+  vision, strategy = LLAVA_TOWERS[tower]
   cfg = T.LlavaConfig(
-    vision_config=siglip_vision_config(use_head=False),
+    vision_config=vision(),
     text_config=text,
     image_token_index=VOCAB - 1,
-    vision_feature_select_strategy="full",
+    vision_feature_select_strategy=strategy,
     vision_feature_layer=-2,
     projector_hidden_act="gelu",
   )
   torch.manual_seed(seed)
   return randomize(T.LlavaForConditionalGeneration(cfg), seed, plain_norm=True)
+
+
+# OpenAI CLIP's processor statistics, typed here independently of compact_jax.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def clip_pixels(images: np.ndarray) -> np.ndarray:
+  """Our [-1, 1] images -> what ``CLIPImageProcessor`` feeds HF CLIP (same layout)."""
+  return (((images + 1) / 2 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
+
+
+def llava_logits(model: torch.nn.Module, ids: np.ndarray, images: np.ndarray) -> np.ndarray:
+  """HF logits float32[B, S, V]; ``images`` float32[B, H, W, 3] in our [-1, 1]
+  range, renormalised for a CLIP tower as its processor would."""
+  if model.config.vision_config.model_type == "clip_vision_model":
+    images = clip_pixels(images)
+  with torch.no_grad():
+    return model(
+      input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2))
+    ).logits.numpy()
 
 
 def tokens(batch: int, seed: int = 0, high: int = VOCAB - 1) -> np.ndarray:

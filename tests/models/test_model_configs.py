@@ -27,11 +27,15 @@ def _count(model, prefix):
   return sum(int(np.prod(s)) for k, s in shapes.items() if k.startswith(prefix))
 
 
+# transformers CLIPVisionModel(ViT-L/14, 336 px) has 303,507,456 parameters.
+CLIP_L14_336 = 303_507_456
+
+
 @pytest.mark.parametrize(
   "name,vocab,llm_params,tokens",
   [
     # HF: lmsys/vicuna-7b-v1.5 (LLaMA-2-7B shape) has 6,738,415,616 parameters.
-    ("llava15_7b", 32000, 6_738_415_616, 729),  # 384 px / 14 -> 27 x 27
+    ("llava15_7b", 32000, 6_738_415_616, 576),  # CLIP-L/14 @ 336 px -> 24 x 24
     # HF: google/gemma-2b has 2,506,172,416.
     ("siglip_gemma2b", 256000, 2_506_172_416, 256),
     ("paligemma_3b", 256000, 2_506_172_416, 256),
@@ -42,12 +46,22 @@ def test_full_size_configs_have_the_upstream_shapes(name, vocab, llm_params, tok
   model = _abstract(c, vocab)
   assert _count(model, "llm/") == llm_params
   assert model.num_image_tokens == tokens
-  assert _count(model, "img/Transformer/") > 400e6  # So400m
+  if name == "llava15_7b":
+    assert _count(model, "img/") == CLIP_L14_336
+  else:
+    assert _count(model, "img/Transformer/") > 400e6  # So400m
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_llava15_siglip_tower_is_still_so400m_at_384():
+  model = _abstract(llava15_7b.get_config("tower=siglip"), 32000)
+  assert model.num_image_tokens == 729  # 384 px / 14 -> 27 x 27
+  assert _count(model, "img/Transformer/") > 400e6
+
+
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), "llava15_7b:tower=clip"])
 def test_tiny_variants_run_a_forward_pass(name):
-  c = CONFIGS[name].get_config("tiny")
+  name, _, extra = name.partition(":")
+  c = CONFIGS[name].get_config(",".join(filter(None, ("tiny", extra))))
   model = _abstract(c, 64)
   b, t, s = 2, 6, c.data.image_size
   logits, _ = jax.eval_shape(
@@ -62,3 +76,21 @@ def test_tiny_variants_run_a_forward_pass(name):
   )
   assert logits.shape == (b, t, 64)
   assert _count(model, "") < 1e6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_image_key_reaches_the_attention_mask(causal):
+  # llava15_7b sets model.causal_image (LLaVA's image tokens attend causally); the base
+  # default is a full-attention image prefix (PaliGemma, the tiny world).
+  c = llava15_7b.get_config("tiny")
+  assert c.model.causal_image
+  with c.unlocked():
+    c.model.causal_image = causal
+  model = _abstract(c, 64)
+  n, t = model.num_image_tokens, 3
+  full_ar = model.full_mask_ar(n, jnp.ones((1, t), jnp.int32))
+  mask = np.asarray(vlm.make_attn_mask(jnp.ones((1, n + t), bool), full_ar))[0]
+  image_block = mask[:n, :n]
+  expected = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+  np.testing.assert_array_equal(image_block, expected)
+  assert mask[n:, :n].all()  # text always sees the whole image
