@@ -204,14 +204,7 @@ def siglip_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
   act = cfg.get("hidden_act", "gelu_pytorch_tanh")
   if act != "gelu_pytorch_tanh":
     raise ValueError(f"config.json: SigLIP hidden_act {act!r} unsupported (need gelu_pytorch_tanh)")
-  v = siglip.ViTVariant(
-    cfg["hidden_size"],
-    cfg["num_hidden_layers"],
-    cfg["intermediate_size"],
-    cfg["num_attention_heads"],
-    cfg["patch_size"],
-  )
-  return v, cfg["image_size"]
+  return _vit_variant(cfg), cfg["image_size"]
 
 
 def clip_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
@@ -223,15 +216,20 @@ def clip_from_config(cfg: Mapping[str, Any]) -> tuple[siglip.ViTVariant, int]:
     raise ValueError(f"config.json: CLIP hidden_act {act!r} unsupported (need quick_gelu)")
   if cfg.get("num_channels", 3) != 3:
     raise ValueError(f"config.json: CLIP num_channels {cfg['num_channels']} unsupported (need 3)")
-  v = siglip.ViTVariant(
+  family = dict(siglip.CLIP, norm_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+  return _vit_variant(cfg, **family), cfg["image_size"]
+
+
+def _vit_variant(cfg: Mapping[str, Any], **family: Any) -> siglip.ViTVariant:
+  """The sizes every HF ViT config names, plus a family's knobs (``siglip.CLIP``)."""
+  return siglip.ViTVariant(
     cfg["hidden_size"],
     cfg["num_hidden_layers"],
     cfg["intermediate_size"],
     cfg["num_attention_heads"],
     cfg["patch_size"],
-    **dict(siglip.CLIP, norm_eps=float(cfg.get("layer_norm_eps", 1e-5))),
+    **family,
   )
-  return v, cfg["image_size"]
 
 
 # HF vision ``model_type`` -> its config reader.
