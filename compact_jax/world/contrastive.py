@@ -501,7 +501,7 @@ def run_contrastive(
     "retrieval": retrieval,
     "probe": probe,
     "test_accuracy": test_acc,
-    "chance": vision.chance(),
+    "chance": vision.chance(grid),
     "npz": str(npz),
   }
   _plot(report, curve, out / "accuracy.png")

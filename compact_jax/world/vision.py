@@ -6,10 +6,12 @@ only what covers the whole picture (ground, counts) within the run's budget: the
 decoder must learn where to look before the tower gets any signal about what a
 sprite, letter or motion cue looks like. This stage is the tiny world's stand-in for
 SigLIP's pretraining: the tower (the same ``img/...`` parameters the VLM uses) is
-trained to name, for every cell of every *train* image, its ground and its object's
-colour, kind, letter and motion (an "empty" class when there is none), from the scene
-graphs the generate stage wrote. That is a dense captioning objective with one small
-linear head per attribute, cheap because no language model runs.
+trained to name, for every cell of every *train* image, its ground, its row and
+column, whether a rope shows in it, and its object's colour, kind, letter, motion and
+whether a rope ties it (an "empty" class when there is none), from the scene graphs
+the generate stage wrote. That is a dense captioning objective with one small linear
+head per attribute, cheap because no language model runs. A real SigLIP's patch
+tokens keep where they are; these labels make the tiny tower's keep it too.
 
 Nothing here touches questions or answers, and test images are never read for
 training (they are only used to report how well the tower sees). Only the tower's
@@ -44,12 +46,18 @@ import optax
 from flax import nnx
 
 from compact_jax.data import image as image_lib
+from compact_jax.world import render
 from compact_jax.world import scene as scene_lib
 
 REPORT_FILE = "report.json"
 NPZ_FILE = "img.npz"
 # config.vision.objective values; "sigmoid" and "both" are world/contrastive.py's.
 OBJECTIVES = ("cells", "sigmoid", "both")
+# Grid rows and columns a position label can name, counted from 1 as captions write cells.
+POSITIONS: tuple[str, ...] = tuple(str(i) for i in range(1, 10))
+# Visible rope pixels a cell needs to count as showing a rope (a rope grazing a
+# corner can leave a sliver of one or two pixels).
+ROPE_LINE_MIN_PIXELS = 3
 # attribute -> its classes; index 0 of every object attribute means "no object / none".
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
   "ground": scene_lib.GROUNDS,
@@ -61,34 +69,66 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
   # cells, so without its own label the tower need not keep it (object_interaction
   # questions stayed at chance with a frozen tower trained on the five above).
   "rope": ("none", "free", "tied"),
+  # Whether any rope shows in the cell, empty or not. With "rope" alone the tower was
+  # taught that an empty cell crossed by a rope is just "none", and "are any objects
+  # tied?" stayed at its majority answer.
+  "rope_line": ("no", "yes"),
+  # The cell's row and column. Nothing else here depends on where a cell is, so the
+  # tower's object tokens kept little of their position embedding (a linear probe read
+  # an occupied token's row at 0.44, chance 0.25), and the decoder, whose attention
+  # mixes token contents, could not tell a quadrant or which of two objects is left.
+  "row": POSITIONS,
+  "col": POSITIONS,
 }
+# Attributes of every cell; the rest describe the cell's object and are scored on
+# occupied cells only.
+CELL_ATTRIBUTES: tuple[str, ...] = ("ground", "rope_line", "row", "col")
 
 
-def chance() -> dict[str, float]:
+def chance(grid_size: int) -> dict[str, float]:
   """Uniform-guess accuracy per attribute, as ``accuracy`` scores it (object
-  attributes over occupied cells, where "none" is never the answer)."""
-  return {n: 1 / (len(v) - (n != "ground")) for n, v in ATTRIBUTES.items()}
+  attributes over occupied cells, where "none" is never the answer; positions over
+  the grid's ``grid_size`` rows or columns)."""
+  out = {}
+  for name, classes in ATTRIBUTES.items():
+    if name in ("row", "col"):
+      out[name] = 1 / grid_size
+    else:
+      out[name] = 1 / (len(classes) - (name not in CELL_ATTRIBUTES))
+  return out
 
 
 def vision_dir(workdir: str | os.PathLike) -> Path:
   return Path(workdir) / "vision"
 
 
-def cell_labels(scene: scene_lib.Scene) -> np.ndarray:
-  """int32[G * G, A]: per cell (row-major) the class index of each of the A ATTRIBUTES."""
+def cell_labels(scene: scene_lib.Scene, image_size: int) -> np.ndarray:
+  """int32[G * G, A]: per cell (row-major) the class index of each of the A ATTRIBUTES.
+
+  ``image_size`` is the size the scene was rendered at (where a rope shows depends on it).
+  """
   g = scene.grid_size
+  if g > len(POSITIONS):
+    raise ValueError(f"vision: cell labels name rows 1-{len(POSITIONS)}; grid_size is {g}")
+  names = list(ATTRIBUTES)
   out = np.zeros((g * g, len(ATTRIBUTES)), np.int32)
+  c = image_size // g
+  rope = render.rope_pixels(scene, image_size).reshape(g, c, g, c).sum((1, 3))
   for r in range(g):
-    for c in range(g):
-      out[r * g + c, 0] = ATTRIBUTES["ground"].index(scene.ground_at(r, c))
+    for col in range(g):
+      cell = out[r * g + col]
+      cell[names.index("ground")] = ATTRIBUTES["ground"].index(scene.ground_at(r, col))
+      cell[names.index("rope_line")] = int(rope[r, col] >= ROPE_LINE_MIN_PIXELS)
+      cell[names.index("row")] = r
+      cell[names.index("col")] = col
   tied = {i for link in scene.links for i in link}
   for i, o in enumerate(scene.objects):
     cell = out[o.row * g + o.col]
-    cell[1] = ATTRIBUTES["color"].index(o.color)
-    cell[2] = ATTRIBUTES["kind"].index(o.kind)
-    cell[3] = ATTRIBUTES["letter"].index(o.letter or "none")
-    cell[4] = ATTRIBUTES["motion"].index(o.motion or "none")
-    cell[5] = ATTRIBUTES["rope"].index("tied" if i in tied else "free")
+    cell[names.index("color")] = ATTRIBUTES["color"].index(o.color)
+    cell[names.index("kind")] = ATTRIBUTES["kind"].index(o.kind)
+    cell[names.index("letter")] = ATTRIBUTES["letter"].index(o.letter or "none")
+    cell[names.index("motion")] = ATTRIBUTES["motion"].index(o.motion or "none")
+    cell[names.index("rope")] = ATTRIBUTES["rope"].index("tied" if i in tied else "free")
   return out
 
 
@@ -122,13 +162,22 @@ def load_split(generate_dir: Path, split: str, image_size: int, limit: int = -1)
       scene = scene_lib.Scene.from_json(d["scene"], where=f"{path}:{n}")
       grid = scene.grid_size
       image_path = generate_dir / "images" / split / f"{d['id']}.png"
-      images.append(
-        image_lib.preprocess_image(image_path.read_bytes(), image_size, where=str(image_path))
-      )
-      labels.append(cell_labels(scene))
+      png = image_path.read_bytes()
+      images.append(image_lib.preprocess_image(png, image_size, where=str(image_path)))
+      labels.append(cell_labels(scene, _png_size(png, where=str(image_path))))
   if not images:
     raise ValueError(f"vision: no scenes in {path}")
   return np.stack(images), np.stack(labels), grid
+
+
+def _png_size(png: bytes, *, where: str) -> int:
+  """The side of a square PNG (its IHDR width), the size its scene was rendered at."""
+  if png[:8] != b"\x89PNG\r\n\x1a\n" or png[12:16] != b"IHDR":
+    raise ValueError(f"vision: {where} is not a PNG")
+  width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+  if width != height:
+    raise ValueError(f"vision: {where} is {width}x{height}; tiny-world images are square")
+  return width
 
 
 def num_classes() -> int:
@@ -199,11 +248,11 @@ def cell_accuracy(pred: np.ndarray, labels: np.ndarray, patch_to_cell: np.ndarra
   """Per-attribute accuracy of ``pred`` int[n, N, A] (per patch) against ``labels``
   int[n, G*G, A] (per cell); object attributes over occupied cells only."""
   truth = labels[:, patch_to_cell]
-  occupied = truth[..., 2] > 0
+  occupied = truth[..., list(ATTRIBUTES).index("kind")] > 0
   out = {}
   for a, name in enumerate(ATTRIBUTES):
     hit = pred[..., a] == truth[..., a]
-    out[name] = float(hit.mean() if name == "ground" else hit[occupied].mean())
+    out[name] = float(hit.mean() if name in CELL_ATTRIBUTES else hit[occupied].mean())
   return out
 
 
@@ -333,7 +382,7 @@ def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     "train_images": len(x_train),
     "test_images": len(x_test),
     "test_accuracy": test_acc,
-    "chance": chance(),
+    "chance": chance(grid),
     "npz": str(npz),
   }
   _plot(report, out / "accuracy.png")

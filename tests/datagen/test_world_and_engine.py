@@ -59,8 +59,10 @@ def test_world_backend_runs_offline_and_its_records_are_the_worlds(tmp_path):
 # The world backend's output for the smoke config with 40 pool images (seed 0): the pool's
 # scene file, records and outcomes, each as sorted lines (workers finish images in any
 # order). Computed with the code before the search was sped up (commit 290208f) and checked
-# equal after it, on 2026-11-22: a speed-up must not change a single byte.
-WORLD_BACKEND_DIGEST = "78197906da987a094f123ab17f858ab05c248216fddba3d210127ef5c28fcca8"
+# equal after it, on 2026-11-22: a speed-up must not change a single byte. Re-pinned when
+# ropes became brown and 4 px wide (world/render.py): the oracle seeds its question draws
+# with each image's sha256, so new pixels draw other questions (59 -> 57 here).
+WORLD_BACKEND_DIGEST = "5e3bdf89b02c912faea6ec344213c0f018103bd8cb21ec542057ee529efc0a49"
 
 
 def test_world_backend_output_is_pinned(tmp_path):
@@ -77,7 +79,7 @@ def test_world_backend_output_is_pinned(tmp_path):
   for path in files:
     for line in sorted(path.read_bytes().splitlines()):
       digest.update(line + b"\n")
-  assert (rep["questions"], rep["statuses"]) == (59, {"accepted": 25, "dropped": 15})
+  assert (rep["questions"], rep["statuses"]) == (57, {"accepted": 24, "dropped": 16})
   assert digest.hexdigest() == WORLD_BACKEND_DIGEST
 
 

@@ -86,10 +86,12 @@ def test_motion_streaks_trail_the_object():
 def test_rope_between_tied_objects():
   s = make_scene(obj(0, 0), obj(0, 3, "blue"), links=[(0, 1)])
   img = render.render_scene(s, S)
-  row = (img[7:9, 14:50] == render.INK).all(-1)  # between the two boxes, around y = 8
-  assert row.all()
+  # Between the two boxes, 4 px around y = 8, in the rope's own colour.
+  band = (img[6:10, 14:50] == render.ROPE).all(-1)
+  assert band.all()
+  assert not (img[[5, 10], 14:50] == render.ROPE).all(-1).any()
   untied = render.render_scene(make_scene(obj(0, 0), obj(0, 3, "blue")), S)
-  assert not (untied[7:9, 18:46] == render.INK).all(-1).any()
+  assert not (untied == render.ROPE).all(-1).any()
 
 
 def test_deterministic_and_sizes():

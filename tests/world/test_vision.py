@@ -10,7 +10,7 @@ import configs.tiny_world as tiny_world
 from compact_jax.checkpoints import big_vision
 from compact_jax.train import mesh as mesh_lib
 from compact_jax.train import state as state_lib
-from compact_jax.world import vision
+from compact_jax.world import render, vision
 from tests.world.hand_built import make_scene, obj
 from tests.world.test_generate import run  # noqa: F401  (module fixture)
 
@@ -25,23 +25,38 @@ def test_cell_labels_of_a_hand_built_scene():
     patch=(2, 0, 2, 2),
     patch_ground="snow",
   )
-  got = vision.cell_labels(scene)
-  assert got.shape == (16, 6)
+  got = vision.cell_labels(scene, 64)
+  names = list(vision.ATTRIBUTES)
+  assert got.shape == (16, len(names))
+  col = {n: got[:, names.index(n)] for n in names}
   grass, snow = (
     vision.ATTRIBUTES["ground"].index("grass"),
     vision.ATTRIBUTES["ground"].index("snow"),
   )
   expected_ground = [grass] * 8 + [snow, snow, grass, grass] * 2
-  assert got[:, 0].tolist() == expected_ground
+  assert col["ground"].tolist() == expected_ground
+  # Positions name the cell's row and column counted from 1, as captions write cells.
+  assert [vision.ATTRIBUTES["row"][i] for i in col["row"]] == [
+    str(r) for r in range(1, 5) for _ in range(4)
+  ]
+  assert [vision.ATTRIBUTES["col"][i] for i in col["col"]] == ["1", "2", "3", "4"] * 4
+  # The rope ties (3, 0) to (3, 2) along row 3: it shows in the margins of both
+  # object cells and all along the empty cell (3, 1) between them, nowhere else.
+  assert np.flatnonzero(col["rope_line"]).tolist() == [12, 13, 14]
+  objects = ["color", "kind", "letter", "motion", "rope"]
+
+  def object_labels(cell):
+    return [int(col[n][cell]) for n in objects]
+
   # Cell 1 = row 0, column 1; cell 14 = row 3, column 2; "none" (0) elsewhere.
-  assert got[1, 1:].tolist() == [
+  assert object_labels(1) == [
     vision.ATTRIBUTES["color"].index("orange"),
     vision.ATTRIBUTES["kind"].index("square"),
     0,
     vision.ATTRIBUTES["motion"].index("up"),
     vision.ATTRIBUTES["rope"].index("free"),
   ]
-  assert got[14, 1:].tolist() == [
+  assert object_labels(14) == [
     vision.ATTRIBUTES["color"].index("blue"),
     vision.ATTRIBUTES["kind"].index("fish"),
     vision.ATTRIBUTES["letter"].index("k"),
@@ -49,14 +64,44 @@ def test_cell_labels_of_a_hand_built_scene():
     vision.ATTRIBUTES["rope"].index("tied"),
   ]
   # Objects are stored row-major: (3, 0) is object 1, tied to (3, 2), object 2.
-  assert got[12, 1:].tolist() == [
+  assert object_labels(12) == [
     vision.ATTRIBUTES["color"].index("red"),
     vision.ATTRIBUTES["kind"].index("circle"),
     0,
     0,
     vision.ATTRIBUTES["rope"].index("tied"),
   ]
-  assert not np.delete(got[:, 1:], [1, 12, 14], axis=0).any()
+  rest = np.delete(np.stack([col[n] for n in objects], 1), [1, 12, 14], axis=0)
+  assert not rest.any()
+
+
+def test_rope_pixels_are_the_visible_rope():
+  # A rope along row 0 from (0, 0) to (0, 3) at 64 px: 4 px wide around y = 8, so rows
+  # 6-9; it shows all along the empty cells (0, 1) and (0, 2), 4 x 16 px each, in brown.
+  scene = make_scene(obj(0, 0, "red", "square"), obj(0, 3, "blue", "square"), links=((0, 1),))
+  mask = render.rope_pixels(scene, 64)
+  per_cell = mask.reshape(4, 16, 4, 16).sum((1, 3))
+  assert per_cell[0, 1] == per_cell[0, 2] == 64
+  assert np.flatnonzero(mask[:, 16:48].any(1)).tolist() == [6, 7, 8, 9]
+  assert per_cell[1:].sum() == 0
+  # Squares fill their box, so only the 2 px margins next to the rope show it.
+  assert per_cell[0, 0] == per_cell[0, 3] == 8
+  img = render.render_scene(scene, 64)
+  assert (img[mask] == render.ROPE).all()
+  assert not render.rope_pixels(make_scene(*scene.objects), 64).any()
+
+
+def test_cell_labels_reject_grids_positions_cannot_name():
+  scene = make_scene(obj(0, 0, "red", "square"), grid_size=10)
+  with pytest.raises(ValueError, match="grid_size is 10"):
+    vision.cell_labels(scene, 120)
+
+
+def test_chance_counts_the_grid_for_positions():
+  got = vision.chance(4)
+  assert got["row"] == got["col"] == 0.25
+  assert got["rope_line"] == 0.5 and got["ground"] == 1 / 5
+  assert got["kind"] == 1 / 10  # object attributes never answer "none"
 
 
 def test_patch_cells():
