@@ -222,6 +222,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.lora.rank = 8
   c.model.lora.alpha = 16.0
   c.model.lora.partial = False  # adapters act at image-token positions only
+  # peft's lora_dropout: drops the adapters' input activations in training only.
+  c.model.lora.dropout = 0.0
   # Start training from a big_vision-layout npz (a relative path is under the
   # workdir; see compact_jax/checkpoints;
   # `python -m compact_jax.checkpoints.cli hf-to-npz` converts HF checkpoints).

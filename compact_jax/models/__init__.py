@@ -44,6 +44,9 @@ class LoraSpec:
     in_axes: the axes of one slice of the weight contracted with the activations
       (``(1,)`` for q_einsum's ``[N, D, H]``).
     scale: alpha / r.
+    dropout: peft's ``lora_dropout``, the rate at which the adapter's input
+      activations are dropped in training (``project`` with an rng); the base
+      weight always sees them undropped.
     sliced: the weight has a leading slice axis (kv_einsum's ``[2, K, D, H]``,
       gating_einsum's ``[2, D, F]``) and each slice its own adapter,
       ``A float32[S, I, r]``, ``B float32[S, r, O]``, as peft's separate
@@ -53,6 +56,7 @@ class LoraSpec:
   in_axes: tuple[int, ...]
   scale: float
   sliced: bool = False
+  dropout: float = 0.0
 
 
 def lora_spec(module: Any, name: str) -> LoraSpec | None:
@@ -69,6 +73,14 @@ def weight(module: Any, name: str) -> jax.Array:
   spec = lora_spec(module, name)
   if spec is None:
     return w
+  if spec.dropout > 0:
+    # A merged weight has no per-token adapter input to drop; ignoring the rate
+    # would silently train a different model than the config says.
+    raise ValueError(
+      f"LoRA dropout {spec.dropout} on {type(module).__name__}.{name}: this weight is read "
+      "merged (models.weight), which cannot drop the adapter's input; set "
+      "model.lora.dropout = 0 or target only LLM weights (read with models.project)"
+    )
   a = getattr(module, f"{name}_lora_a")[...]
   b = getattr(module, f"{name}_lora_b")[...]
   return w + lora_delta(a, b, w.shape, spec.in_axes, spec.scale).astype(w.dtype)
@@ -82,6 +94,7 @@ def project(
   dtype: jnp.dtype,
   lora_mask: jax.Array | None = None,
   index: int | None = None,
+  rng: jax.Array | None = None,
 ) -> jax.Array:
   """``einsum(eqn, x, W)`` with ``W = module.<name>`` (``W[index]`` if given), plus
   its LoRA adapter applied to the activations: ``scale * (x . A) . B``.
@@ -99,6 +112,10 @@ def project(
       token sees the base weight, without the adapter.
     index: a slice of a fused weight (kv_einsum's k = 0, v = 1); a sliced
       adapter (``LoraSpec.sliced``) contributes only that slice's A and B.
+    rng: a PRNG key in training: with ``LoraSpec.dropout`` p > 0 the adapter
+      sees ``x * keep / (1 - p)``, keep ~ Bernoulli(1 - p) per element (peft's
+      ``lora_B(lora_A(dropout(x)))``); the base einsum sees x. None (eval,
+      decode) or p = 0 applies no dropout.
   """
   w = getattr(module, name)[...]
   if index is not None:
@@ -139,6 +156,8 @@ def project(
   lead, r = a.shape[:-2], a.shape[-1]
   a = a.reshape((*lead, *in_dims, r)).astype(dtype)
   b = b.reshape((*lead, r, *out_dims)).astype(dtype)
+  if rng is not None and spec.dropout > 0:
+    x = lora_dropout(rng, x, spec.dropout)
   xa = jnp.einsum(xa_eqn, x, a) * jnp.asarray(spec.scale, dtype)
   if lora_mask is not None:
     # xa is float[B*T, ..., r]: zeroing a token's row zeroes its delta.
@@ -146,6 +165,21 @@ def project(
     m = mask.reshape(mask.shape + (1,) * (xa.ndim - mask.ndim))
     xa = jnp.where(m, xa, jnp.zeros((), xa.dtype))
   return y + jnp.einsum(delta_eqn, xa, b).reshape(y.shape)
+
+
+def lora_dropout(rng: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout: ``x * keep / (1 - rate)`` with keep ~ Bernoulli(1 - rate)
+  drawn by ``jax.random.bernoulli(rng, 1 - rate, x.shape)``; x float[...]."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"LoRA dropout rate must be in [0, 1), got {rate}")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def site_rng(rng: jax.Array | None, site: int) -> jax.Array | None:
+  """``rng`` folded with a fixed projection-site id (None stays None), so the
+  adapters of one layer never share a dropout mask."""
+  return None if rng is None else jax.random.fold_in(rng, site)
 
 
 def lora_einsums(eqn: str, in_axes: tuple[int, ...], *, sliced: bool = False) -> tuple[str, str]:

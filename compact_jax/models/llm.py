@@ -39,6 +39,7 @@ from compact_jax.models import (
   project,
   remat_layer,
   scan_stacked,
+  site_rng,
   stack_layers,
 )
 from compact_jax.models.siglip import lecun_normal
@@ -471,6 +472,7 @@ class Attention(nnx.Module):
     cache: tuple[jax.Array, jax.Array] | None = None,
     cache_index: jax.Array | int = 0,
     lora_mask: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Attends the T new tokens to themselves, or to the whole cache.
 
@@ -481,16 +483,17 @@ class Attention(nnx.Module):
       cache: this layer's (k, v), float[B, S, K, H] each, or None.
       cache_index: where the T new keys/values are written in the cache.
       lora_mask: bool[B, T] or None; partial LoRA (see ``models.project``).
+      dropout_rng: this layer's LoRA dropout key (training only), or None.
 
     Returns:
       (float[B, T, D], updated (k, v) or None).
     """
     dt = self.dtype
     x = x.astype(dt)
-    m = lora_mask
-    q = project("BTD,NDH->BTNH", x, self.q_einsum, "w", dt, m)
-    k = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=0)
-    v = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=1)
+    m, r = lora_mask, dropout_rng
+    q = project("BTD,NDH->BTNH", x, self.q_einsum, "w", dt, m, rng=site_rng(r, 0))
+    k = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=0, rng=site_rng(r, 1))
+    v = project("BSD,KDH->BSKH", x, self.kv_einsum, "w", dt, m, index=1, rng=site_rng(r, 2))
     if self.qkv_bias:
       bkv = self.kv_einsum.b[...].astype(dt)
       q, k, v = q + self.q_einsum.b[...].astype(dt), k + bkv[0], v + bkv[1]
@@ -509,7 +512,8 @@ class Attention(nnx.Module):
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dt)).reshape(b, t, n, h)
-    return project("BTNH,NHD->BTD", out, self.attn_vec_einsum, "w", dt, m), cache
+    o = project("BTNH,NHD->BTD", out, self.attn_vec_einsum, "w", dt, m, rng=site_rng(r, 3))
+    return o, cache
 
 
 class FeedForward(nnx.Module):
@@ -522,13 +526,19 @@ class FeedForward(nnx.Module):
     self.act = v.mlp_act
     self.dtype = compute_dtype(dtype)
 
-  def __call__(self, x: jax.Array, lora_mask: jax.Array | None = None) -> jax.Array:
-    """float[B, T, D] -> float[B, T, D]; ``lora_mask`` as in ``models.project``."""
-    dt = self.dtype
-    gate = project("BTD,DF->BTF", x, self, "gating_einsum", dt, lora_mask, index=0)
-    up = project("BTD,DF->BTF", x, self, "gating_einsum", dt, lora_mask, index=1)
+  def __call__(
+    self,
+    x: jax.Array,
+    lora_mask: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """float[B, T, D] -> float[B, T, D]; ``lora_mask`` and ``dropout_rng`` (this
+    layer's key; sites 4-6 after the attention's 0-3) as in ``models.project``."""
+    dt, m, r = self.dtype, lora_mask, dropout_rng
+    gate = project("BTD,DF->BTF", x, self, "gating_einsum", dt, m, index=0, rng=site_rng(r, 4))
+    up = project("BTD,DF->BTF", x, self, "gating_einsum", dt, m, index=1, rng=site_rng(r, 5))
     hidden = constrain(ACTIVATIONS[self.act](gate) * up, ("act_batch", "act_len", "act_mlp"))
-    return project("BTF,FD->BTD", hidden, self, "linear", dt, lora_mask)
+    return project("BTF,FD->BTD", hidden, self, "linear", dt, m, rng=site_rng(r, 6))
 
 
 class Block(nnx.Module):
@@ -546,15 +556,17 @@ class Block(nnx.Module):
       self.post_ffw_norm = make_norm(v, dtype)
     self.post_norms = v.post_norms
 
-  def __call__(self, x, positions, attn_mask, cache=None, cache_index=0, lora_mask=None):
+  def __call__(
+    self, x, positions, attn_mask, cache=None, cache_index=0, lora_mask=None, dropout_rng=None
+  ):
     """float[B, T, D] -> (float[B, T, D], updated layer cache or None); see ``Attention``."""
     y, cache = self.attn(
-      self.pre_attention_norm(x), positions, attn_mask, cache, cache_index, lora_mask
+      self.pre_attention_norm(x), positions, attn_mask, cache, cache_index, lora_mask, dropout_rng
     )
     if self.post_norms:
       y = self.post_attention_norm(y)
     x = x + y
-    y = self.mlp(self.pre_ffw_norm(x), lora_mask)
+    y = self.mlp(self.pre_ffw_norm(x), lora_mask, dropout_rng)
     if self.post_norms:
       y = self.post_ffw_norm(y)
     x = x + y
@@ -634,6 +646,7 @@ class Decoder(nnx.Module):
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
     lora_mask: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """Runs the layers over embedded inputs.
 
@@ -648,6 +661,9 @@ class Decoder(nnx.Module):
         whole batch).
       lora_mask: bool[B, T]: LoRA adapters apply only where True (partial
         LoRA); None applies them everywhere.
+      dropout_rng: a PRNG key for LoRA dropout (training only; None at eval and
+        decode). Layer i uses ``split(dropout_rng, L)[i]``, then a fixed id per
+        projection site, so no two adapters share a mask.
 
     Returns:
       (logits float32[B, T, V], aux) with aux "pre_logits" float[B, T, D]
@@ -670,25 +686,28 @@ class Decoder(nnx.Module):
     def layer_mask(local: jax.Array) -> jax.Array:
       return attn_mask if local_mask is None else jnp.where(local, local_mask, attn_mask)
 
+    # The same per-layer keys scanned or unrolled, so both layouts drop alike.
+    layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, v.depth)
     if self.scan:
 
       def body(layer, carry, xs):
-        local, kv = xs
-        return layer(carry, positions, layer_mask(local), kv, cache_index, lora_mask)
+        local, kv, rng = xs
+        return layer(carry, positions, layer_mask(local), kv, cache_index, lora_mask, rng)
 
       x, new_kv = scan_stacked(
-        self.layers, body, x, (is_local, layer_caches), remat_policy=self.remat_policy
+        self.layers, body, x, (is_local, layer_caches, layer_rngs), remat_policy=self.remat_policy
       )
     else:
       run = remat_layer(
-        lambda layer, h, mask, kv: layer(h, positions, mask, kv, cache_index, lora_mask),
+        lambda layer, h, mask, kv, rng: layer(h, positions, mask, kv, cache_index, lora_mask, rng),
         self.remat_policy,
       )
       new = []
       for i in range(v.depth):
         kv = None if cache is None else (cache.k[i], cache.v[i])
         mask = local_mask if v.is_local(i) else attn_mask
-        x, kv = run(getattr(self, f"layers_{i}"), x, mask, kv)
+        rng = None if layer_rngs is None else layer_rngs[i]
+        x, kv = run(getattr(self, f"layers_{i}"), x, mask, kv, rng)
         new.append(kv)
       new_kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*new))
     pre_logits = self.final_norm(x)

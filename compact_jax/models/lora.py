@@ -23,9 +23,11 @@ Where the model reads W: ``models.project`` (the LLM) adds
 forms the full ``[I, O]`` gradient of a merged weight; Partial LoRA
 (``LoraConfig.partial``) masks the rank-r activations per token.
 ``models.weight`` (siglip.py, connectors) reads the merged ``W + alpha / r * A @ B``.
-Dropout on the adapter input (peft's ``lora_dropout``) is not implemented: it
-needs a per-step rng threaded from the train step through the VLM and the LLM's
-layers to ``project``.
+Dropout on the adapter input (peft's ``lora_dropout``, ``LoraConfig.dropout``)
+is applied by ``project`` when the train step passes a ``dropout_rng`` (threaded
+through ``VLM`` and the LLM's layers, folded per layer and projection site);
+eval and decode pass none. ``weight`` cannot drop activations and raises on a
+merged-read adapter with dropout > 0.
 
 Only ``nnx.LoRAParam`` leaves need gradients:
 ``nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))`` and
@@ -52,14 +54,18 @@ class LoraConfig:
   ``r"llm/layers/attn/(q|kv)_einsum/w$"``); every pattern must match some weight.
   ``rank`` r and ``alpha`` (the delta is scaled by alpha / r). ``partial``:
   InternLM-XComposer2's Partial LoRA, the LLM's adapters act only at image-token
-  positions, so text-only inputs behave exactly as the base model (needs a ``VLM``)."""
+  positions, so text-only inputs behave exactly as the base model (needs a ``VLM``).
+  ``dropout``: peft's ``lora_dropout`` on the adapters' input activations, in [0, 1)."""
 
   targets: tuple[str, ...]
   rank: int = 8
   alpha: float = 16.0
   partial: bool = False
+  dropout: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
     if self.rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
     if not self.targets:
@@ -151,7 +157,9 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> list[
     b_axes = (*w.lead_axes, "lora_rank", out_names[0])
     setattr(w.module, f"{w.name}_lora_a", param(jnp.asarray(a), a_axes, nnx.LoRAParam))
     setattr(w.module, f"{w.name}_lora_b", param(jnp.asarray(b), b_axes, nnx.LoRAParam))
-    spec = LoraSpec(in_axes, config.alpha / config.rank, sliced=w.sliced)
+    spec = LoraSpec(
+      in_axes, config.alpha / config.rank, sliced=w.sliced, dropout=float(config.dropout)
+    )
     setattr(w.module, f"{w.name}_lora_spec", spec)
     done.append(w.path)
   unused = sorted(p for p, n in hits.items() if n == 0)

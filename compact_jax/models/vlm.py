@@ -203,6 +203,8 @@ class VLM(nnx.Module):
     mask_ar: jax.Array,
     mask_input: jax.Array,
     has_image: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training forward pass.
 
@@ -212,6 +214,8 @@ class VLM(nnx.Module):
       mask_ar: int32[B, T]; 0 = prefix (full attention with the image), 1 = causal.
       mask_input: bool[B, T], False on padding.
       has_image: bool[B].
+      dropout_rng: the LLM's LoRA dropout key in training (``llm.LLM``); None
+        (eval) applies no dropout.
 
     Returns:
       (logits float32[B, T, V], aux). The logit at text position t predicts
@@ -229,7 +233,11 @@ class VLM(nnx.Module):
     full_ar = self.full_mask_ar(n, mask_ar)
     positions = jnp.cumsum(valid, axis=1) - 1
     logits, llm_aux = self.llm(
-      x, positions, make_attn_mask(valid, full_ar), lora_mask=self.lora_mask(b, n, t)
+      x,
+      positions,
+      make_attn_mask(valid, full_ar),
+      lora_mask=self.lora_mask(b, n, t),
+      dropout_rng=dropout_rng,
     )
     aux["llm/pre_logits"] = llm_aux["pre_logits"][:, n:]
     return logits[:, n:], aux
@@ -243,6 +251,8 @@ class VLM(nnx.Module):
     segment_ids: jax.Array,
     positions: jax.Array,
     image_index: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training forward pass over packed rows (``data.pipeline.pack_rows``).
 
@@ -259,6 +269,7 @@ class VLM(nnx.Module):
       positions: int32[B, P], restarting at 0 with each example.
       image_index: int32[B, P], ``slot * N + k`` at the row's k-th token of image
         slot ``slot``, -1 elsewhere.
+      dropout_rng: as for ``__call__``.
 
     Returns:
       (logits float32[B, P, V], aux). The logit at position p predicts token
@@ -298,6 +309,7 @@ class VLM(nnx.Module):
       positions,
       attn_mask,
       lora_mask=is_image if self.partial_lora else None,
+      dropout_rng=dropout_rng,
     )
     aux["llm/pre_logits"] = llm_aux["pre_logits"]
     return logits, aux

@@ -48,6 +48,7 @@ def build_model(
         rank=model_cfg.lora.rank,
         alpha=model_cfg.lora.alpha,
         partial=model_cfg.lora.partial,
+        dropout=model_cfg.lora.dropout,
       ),
       seed=seed,
     )

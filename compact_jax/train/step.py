@@ -36,9 +36,12 @@ def batch_keys(packed: bool) -> tuple[str, ...]:
   return PACKED_BATCH_KEYS if packed else BATCH_KEYS
 
 
-def forward(model, batch: Batch, *, packed: bool) -> jax.Array:
+def forward(
+  model, batch: Batch, *, packed: bool, dropout_rng: jax.Array | None = None
+) -> jax.Array:
   """float32[B, T, V] logits of ``model`` (a ``VLM``) on an unpacked or packed batch;
-  either way the logit at t predicts ``batch["tokens"][:, t + 1]``."""
+  either way the logit at t predicts ``batch["tokens"][:, t + 1]``. ``dropout_rng``
+  (training only) drives LoRA dropout."""
   if packed:
     logits, _ = model.forward_packed(
       batch["image"],
@@ -48,10 +51,16 @@ def forward(model, batch: Batch, *, packed: bool) -> jax.Array:
       batch["segment_ids"],
       batch["positions"],
       batch["image_index"],
+      dropout_rng=dropout_rng,
     )
     return logits
   logits, _ = model(
-    batch["image"], batch["tokens"], batch["mask_ar"], batch["mask_input"], batch["has_image"]
+    batch["image"],
+    batch["tokens"],
+    batch["mask_ar"],
+    batch["mask_input"],
+    batch["has_image"],
+    dropout_rng=dropout_rng,
   )
   return logits
 
@@ -134,10 +143,17 @@ def split_microbatches(batch: Batch, accum_steps: int) -> Batch:
 NONFINITE_MODES = ("halt", "skip")
 
 
+def dropout_key(seed: int, step: jax.Array | int, microbatch: jax.Array | int) -> jax.Array:
+  """The LoRA dropout key of one microbatch of one step:
+  ``fold_in(fold_in(key(seed), step), microbatch)``. A function of the step
+  counter (in the checkpoint) alone, so a resumed run draws the same masks."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), microbatch)
+
+
 def make_loss_and_grads(
   setup: StateSetup, config
-) -> Callable[[Any, Batch], tuple[Any, dict[str, jax.Array]]]:
-  """``(params, batch) -> (grads, sums)``: the step's gradient computation.
+) -> Callable[..., tuple[Any, dict[str, jax.Array]]]:
+  """``(params, batch, step=0) -> (grads, sums)``: the step's gradient computation.
 
   ``grads`` is the gradient of the per-token mean loss over the whole global
   batch (zeros for frozen params); ``sums`` has ``nll``, ``n_tokens`` and
@@ -145,33 +161,42 @@ def make_loss_and_grads(
   that many microbatches and sums their gradients; every microbatch's loss is
   divided by the token count of the whole global batch, so the sum is exactly
   the per-token mean's gradient.
+
+  With ``config.model.lora.dropout`` > 0 microbatch m of step ``step`` uses the
+  dropout key ``dropout_key(config.seed, step, m)``; with 0 no key is made, so
+  the compiled step draws no random bits.
   """
   graphdef, trainable = setup.graphdef, setup.trainable
+  use_dropout = float(config.model.lora.get("dropout", 0.0)) > 0
   smoothing = config.train.label_smoothing
   packed = is_packed(config)
   accum = int(config.train.accum_steps)
   if accum < 1:
     raise ValueError(f"config.train.accum_steps must be >= 1, got {accum}")
 
-  def loss_fn(params, batch, denom):
-    logits = forward(merge_model(graphdef, params), batch, packed=packed)
+  def loss_fn(params, batch, denom, rng):
+    logits = forward(merge_model(graphdef, params), batch, packed=packed, dropout_rng=rng)
     sums = token_loss_sums(logits, batch, label_smoothing=smoothing)
     return sums["nll"] / denom, sums
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def loss_and_grads(params, batch):
+  def rng_for(step, microbatch):
+    return dropout_key(config.seed, step, microbatch) if use_dropout else None
+
+  def loss_and_grads(params, batch, step=0):
     # The global batch's answer-token count, known before any microbatch runs.
     denom = jnp.maximum(answer_weights(batch).sum(), 1.0)
     if accum == 1:
-      grads, sums = grad_fn(params, batch, denom)
+      grads, sums = grad_fn(params, batch, denom, rng_for(step, 0))
       # Frozen parameters' gradients are replaced by constants, so XLA drops
       # their computation and no statistic (clipping norm included) sees them.
       return jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable), sums
 
-    def body(carry, micro):
+    def body(carry, xs):
       acc, sums = carry
-      g, s = grad_fn(params, micro, denom)
+      m, micro = xs
+      g, s = grad_fn(params, micro, denom, rng_for(step, m))
       acc = jax.tree.map(lambda a, g, t: a + g if t else a, acc, g, trainable)
       return (acc, jax.tree.map(jnp.add, sums, s)), None
 
@@ -180,7 +205,8 @@ def make_loss_and_grads(
       lambda p, t: jnp.zeros_like(p) if t else jnp.zeros((), p.dtype), params, trainable
     )
     sums0 = {k: jnp.zeros((), jnp.float32) for k in ("nll", "n_tokens", "n_correct")}
-    (acc, sums), _ = jax.lax.scan(body, (acc0, sums0), split_microbatches(batch, accum))
+    micros = (jnp.arange(accum), split_microbatches(batch, accum))
+    (acc, sums), _ = jax.lax.scan(body, (acc0, sums0), micros)
     grads = jax.tree.map(lambda a, p, t: a if t else jnp.zeros_like(p), acc, params, trainable)
     return grads, sums
 
@@ -207,7 +233,7 @@ def make_train_step(
   loss_and_grads = make_loss_and_grads(setup, config)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grads, sums = loss_and_grads(state["params"], batch)
+    grads, sums = loss_and_grads(state["params"], batch, state["step"])
     denom = jnp.maximum(sums["n_tokens"], 1.0)
     loss = sums["nll"] / denom
     grad_norm = optax.tree.norm(grads)
