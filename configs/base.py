@@ -224,6 +224,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.lora.partial = False  # adapters act at image-token positions only
   # peft's lora_dropout: drops the adapters' input activations in training only.
   c.model.lora.dropout = 0.0
+  # Dynamic high resolution (models/anyres.py; mode "" = off: one data.image_size image).
+  # Each image becomes a global view plus tiles of data.image_size px, cut by the data
+  # pipeline, evaluation and benchmarks from these same keys. The ViT encodes all
+  # Tiling.num_slots views of every example; the model lays their features out as
+  # model.num_image_tokens fixed tokens (the global view's, then the largest tile grid
+  # any layout needs) and masks the ones an example does not use. Packing
+  # (data.pack_length > 0) and the dry run do not support it yet.
+  c.model.dynamic_res = ml_collections.ConfigDict()
+  c.model.dynamic_res.mode = ""  # "" | "anyres" (LLaVA-NeXT) | "internvl" (InternVL-1.5)
+  # anyres: the allowed (rows, cols) grids, in tiles. LLaVA-NeXT's 336 px
+  # grid_pinpoints [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]].
+  c.model.dynamic_res.pinpoints = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+  # internvl: how many tiles an image may be cut into (InternVL-1.5 trains with 1..12).
+  c.model.dynamic_res.min_tiles = 1
+  c.model.dynamic_res.max_tiles = 6
+  # The global view: LLaVA-NeXT's base image, InternVL's thumbnail (which InternVL,
+  # and so this mode, drops for an image cut into a single tile).
+  c.model.dynamic_res.thumbnail = True
+  # A learnable separator token after each row of the tile grid (LLaVA-NeXT's
+  # image_newline, InternLM-XComposer2-4KHD); the param `image_newline` needs a param group.
+  c.model.dynamic_res.newline = False
+  # Budget on one image's tile-grid features (after AnyRes unpadding): a larger grid is
+  # bilinearly downsampled, aspect kept (LLaVA-OneVision's anyres_max); 0 = none.
+  c.model.dynamic_res.max_visual_tokens = 0
   # Start training from a big_vision-layout npz (a relative path is under the
   # workdir; see compact_jax/checkpoints;
   # `python -m compact_jax.checkpoints.cli hf-to-npz` converts HF checkpoints).

@@ -4,14 +4,22 @@ Every input mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes RGB; images
 are padded to a square with a neutral fill (as LLaVA-1.5's ``--image_aspect_ratio
 pad``), resized, and mapped to SigLIP's [-1, 1] range (big_vision's
 ``value_range(-1, 1)``, HF's mean = std = 0.5).
+
+With dynamic resolution (``config.model.dynamic_res``, models/anyres.py) an image
+becomes a global view plus tiles instead (:func:`tile_views`);
+:class:`ImagePreprocessor` picks the right path for every caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import math
 
 import numpy as np
 from PIL import Image
+
+from compact_jax.models import anyres
 
 # Mid-grey is zero after normalisation, so padding carries no signal.
 PAD_FILL = (127, 127, 127)
@@ -58,3 +66,78 @@ def preprocess_image(data: bytes, size: int, *, where: str = "image") -> np.ndar
   if img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BICUBIC)
   return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def _to_model_range(img: Image.Image) -> np.ndarray:
+  return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+
+
+def resize_and_pad(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+  """LLaVA-NeXT's ``resize_and_pad_image``: scales ``img`` (aspect kept) to fit ``size``
+  (h, w), rounding the shorter side up, and centres it on a PAD_FILL canvas."""
+  th, tw = size
+  w, h = img.size
+  if tw / w < th / h:
+    nw, nh = tw, min(math.ceil(h * tw / w), th)
+  else:
+    nw, nh = min(math.ceil(w * th / h), tw), th
+  canvas = Image.new("RGB", (tw, th), PAD_FILL)
+  canvas.paste(img.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+  return canvas
+
+
+def tile_views(img: Image.Image, tiling: anyres.Tiling) -> tuple[np.ndarray, np.ndarray]:
+  """An RGB image -> its views for dynamic resolution, as the model expects them.
+
+  Returns:
+    (views float32[num_slots, S, S, 3] in [-1, 1], tile_layout int32[4]). Slot 0 is
+    the global view (if ``tiling.thumbnail``): the whole image squashed to S x S, as
+    LLaVA-NeXT's base image and InternVL's thumbnail. Then the ``rows * cols`` tiles,
+    row-major: AnyRes letterboxes the image into its best pinpoint
+    (:func:`resize_and_pad`), InternVL resizes it to the closest-aspect grid; unused
+    slots are zeros. ``tile_layout`` is (rows, cols, image height, image width).
+  """
+  s = tiling.tile_size
+  w, h = img.size
+  rows, cols = tiling.layout((h, w))
+  if tiling.mode == "anyres":
+    canvas = resize_and_pad(img, (rows * s, cols * s))
+  else:
+    canvas = img.resize((cols * s, rows * s), Image.Resampling.BICUBIC)
+  views = np.zeros((tiling.num_slots, s, s, 3), np.float32)
+  start = int(tiling.thumbnail)
+  if tiling.thumbnail:
+    views[0] = _to_model_range(img.resize((s, s), Image.Resampling.BICUBIC))
+  views[start : start + rows * cols] = anyres.split_tiles(_to_model_range(canvas), rows, cols)
+  return views, np.asarray([rows, cols, h, w], np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocessor:
+  """Encoded bytes (or None: no image) -> the model's image input; one object for the
+  train pipeline, evaluation and benchmarks, so all three feed a model alike.
+
+  Without tiling: (float32[S, S, 3], None), pad-to-square as :func:`preprocess_image`.
+  With tiling: (float32[num_slots, S, S, 3], tile_layout int32[4]) from :func:`tile_views`.
+  A missing image gives zeros (and ``Tiling.blank_layout``).
+  """
+
+  image_size: int
+  tiling: anyres.Tiling | None = None
+
+  def __call__(
+    self, data: bytes | None, *, where: str = "image"
+  ) -> tuple[np.ndarray, np.ndarray | None]:
+    if self.tiling is None:
+      if data is None:
+        return np.zeros((self.image_size, self.image_size, 3), np.float32), None
+      return preprocess_image(data, self.image_size, where=where), None
+    if data is None:
+      return np.zeros(self.image_shape, np.float32), self.tiling.blank_layout()
+    return tile_views(decode_rgb(data, where=where), self.tiling)
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """One example's image array shape."""
+    side = (self.image_size, self.image_size, 3)
+    return side if self.tiling is None else (self.tiling.num_slots, *side)

@@ -9,6 +9,13 @@ A batch (numpy, host-local) is::
   mask_loss  int32[B, T]           1 on answer tokens (targets)
   mask_input bool[B, T]            False on padding
 
+With dynamic resolution (``config.model.dynamic_res``, models/anyres.py) each
+example carries a global view and its tiles instead of one image::
+
+  image       float32[B, V, S, S, 3] V = Tiling.num_slots: global view, then tiles
+                                     row-major; unused slots zeros
+  tile_layout int32[B, 4]            rows, cols, image height, image width (px)
+
 Each batch is padded to the smallest bucket that holds its longest example,
 so the jitted train step compiles once per bucket. Examples longer than the
 largest bucket are truncated, and examples with nothing left to train on are
@@ -56,6 +63,7 @@ import numpy as np
 from compact_jax.data import image as image_lib
 from compact_jax.data import template as template_lib
 from compact_jax.data.tokenizer import Tokenizer
+from compact_jax.models import anyres
 
 Batch = dict[str, np.ndarray]
 
@@ -161,23 +169,24 @@ class _Preprocess:
   template: template_lib.ChatTemplate
   image_size: int
   max_len: int
+  tiling: anyres.Tiling | None = None
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     enc = encode_record(record, self.tokenizer, self.template)
     n = min(len(enc), self.max_len)
-    if record["has_image"]:
-      img = image_lib.preprocess_image(
-        record["image"], self.image_size, where=f"record {record['id']!r}"
-      )
-    else:
-      img = np.zeros((self.image_size, self.image_size, 3), np.float32)
-    return {
+    img, layout = image_lib.ImagePreprocessor(self.image_size, self.tiling)(
+      record["image"] if record["has_image"] else None, where=f"record {record['id']!r}"
+    )
+    out = {
       "image": img,
       "has_image": np.asarray(bool(record["has_image"])),
       "tokens": enc.tokens[:n],
       "mask_ar": enc.mask_ar[:n],
       "mask_loss": enc.mask_loss[:n],
     }
+    if layout is not None:
+      out["tile_layout"] = layout
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +201,8 @@ class _Collate:
 
 
 def collate(examples: Sequence[Mapping[str, np.ndarray]], length: int) -> Batch:
-  """Right-pads token fields of ``examples`` to ``length`` and stacks them."""
+  """Right-pads token fields of ``examples`` to ``length`` and stacks them (and
+  ``tile_layout`` when the examples have one)."""
   b = len(examples)
   out: Batch = {
     "image": np.stack([e["image"] for e in examples]),
@@ -202,6 +212,8 @@ def collate(examples: Sequence[Mapping[str, np.ndarray]], length: int) -> Batch:
     "mask_loss": np.zeros((b, length), np.int32),
     "mask_input": np.zeros((b, length), bool),
   }
+  if "tile_layout" in examples[0]:
+    out["tile_layout"] = np.stack([e["tile_layout"] for e in examples]).astype(np.int32)
   for i, e in enumerate(examples):
     n = len(e["tokens"])
     out["tokens"][i, :n] = e["tokens"]
@@ -482,6 +494,7 @@ def make_train_dataset(
   shard_index: int = 0,
   shard_count: int = 1,
   pack: PackSpec | None = None,
+  tiling: anyres.Tiling | None = None,
 ) -> grain.MapDataset:
   """An infinite, shuffled, host-sharded MapDataset of padded (or packed) batches.
 
@@ -496,13 +509,21 @@ def make_train_dataset(
     shard_index, shard_count: this host's slice of the data.
     pack: pack examples into rows (``batch_size`` rows per batch) instead of
       padding one example per row to a bucket.
+    tiling: dynamic resolution (``config.model.dynamic_res``): each image becomes
+      a global view plus tiles, with a ``tile_layout``; None = one image.
   """
+  if pack is not None and tiling is not None:
+    raise ValueError(
+      f"data.pack_length={pack.length} (packing) and model.dynamic_res.mode={tiling.mode!r} "
+      "cannot be combined yet: packed rows hold one ViT view per image slot. Set one of "
+      "them off (data.pack_length=0 or model.dynamic_res.mode='')."
+    )
   if len(indices) < shard_count:
     raise ValueError(f"{len(indices)} usable examples cannot feed {shard_count} hosts")
   buckets = tuple(sorted(seq_buckets))
   # Keep only trainable records, then take this host's slice of them.
   shard = _Subset(source, np.asarray(indices, np.int64)[shard_index::shard_count])
-  preprocess = _Preprocess(tokenizer, template, image_size, buckets[-1])
+  preprocess = _Preprocess(tokenizer, template, image_size, buckets[-1], tiling)
   if pack is not None:
     plan = packing_plan(
       shard, tokenizer, template, pack, max_text=buckets[-1], batch_size=batch_size, seed=seed

@@ -44,6 +44,7 @@ from compact_jax.eval import decode as decode_lib
 from compact_jax.eval import kstrat
 from compact_jax.eval.benchmarks import core, judged
 from compact_jax.eval.benchmarks import judge as judge_lib
+from compact_jax.models import anyres
 
 HARNESS_VERSION = "compact_jax-bench-1"
 RESULTS_FILE = "results.json"
@@ -59,6 +60,7 @@ class LoadedModel:
   template: template_lib.ChatTemplate
   image_size: int
   mesh: Any = None
+  tiling: anyres.Tiling | None = None  # the model's dynamic resolution, if any
 
 
 def _bucket(n: int, buckets: Sequence[int], *, where: str) -> int:
@@ -97,7 +99,9 @@ class Generator:
     return _DECODERS[key]
 
   def __call__(self, examples: Sequence[core.Example], max_new: int, *, desc: str) -> list[str]:
-    tok, size, b = self.m.tokenizer, self.m.image_size, int(self.cfg.batch_size)
+    tok, b = self.m.tokenizer, int(self.cfg.batch_size)
+    # The train pipeline's preprocessing: a model trained on tiles is asked with tiles.
+    prep = image_lib.ImagePreprocessor(self.m.image_size, self.m.tiling)
     decoder = self.decoder(max_new)
     outputs: list[str] = []
     bar = None
@@ -118,17 +122,20 @@ class Generator:
         mask[i, length - len(t) :] = True
       tokens[len(chunk) :, -1] = tok.bos_id  # padding rows: a one-token prompt
       mask[len(chunk) :, -1] = True
-      images = np.zeros((b, size, size, 3), np.float32)
+      images = np.zeros((b, *prep.image_shape), np.float32)
       has_image = np.zeros((b,), bool)
+      kw = {} if prep.tiling is None else {"tile_layout": np.ones((b, 4), np.int32)}
       for i, e in enumerate(chunk):
         if e.image is not None:
-          images[i] = image_lib.preprocess_image(e.image, size, where=f"{desc} {e.id}")
+          images[i], layout = prep(e.image, where=f"{desc} {e.id}")
           has_image[i] = True
+          if layout is not None:
+            kw["tile_layout"][i] = layout
       row_ids = np.arange(
         lo, lo + b, dtype=np.uint32
       )  # stable per example: sampling is batch-invariant
       out = np.asarray(
-        jax.device_get(decoder(self.m.params, images, tokens, mask, has_image, row_ids))
+        jax.device_get(decoder(self.m.params, images, tokens, mask, has_image, row_ids, **kw))
       )
       for row in out[: len(chunk)]:
         ids = decode_lib.trim_generated(row, stop_ids=decoder.stop_ids, pad_id=tok.pad_id)
@@ -479,8 +486,10 @@ def load_model(
   graphdef, params, meta = train_loop.load_params(cfg, ckpt_workdir, mesh)
   tok_path = meta.get("tokenizer", "")
   tokenizer = Tokenizer.load(tok_path) if tok_path and os.path.exists(tok_path) else build_lib.load_tokenizer(ckpt_workdir)  # fmt: skip
+  # Checkpoints written before dynamic_res existed have a model config without it.
+  tiling = anyres.tiling_from_config(cfg.model.get("dynamic_res"), image_size=cfg.data.image_size)
   model = LoadedModel(graphdef, params, tokenizer, template_lib.TEMPLATES[cfg.data.template],
-                      cfg.data.image_size, mesh)  # fmt: skip
+                      cfg.data.image_size, mesh, tiling)  # fmt: skip
   return model, {"path": str(ckpt_workdir), "step": step, "id": f"{ckpt_workdir}@{step}"}
 
 
@@ -534,7 +543,8 @@ class PeriodicBenchmarks:
     for name, examples in self.examples.items():
       if not examples:
         raise ValueError(f"Benchmark {name!r} has no questions under {config.bench.data_dir}")
-    self._model_parts = (tokenizer, template, image_size, mesh)
+    tiling = anyres.tiling_from_config(config.model.dynamic_res, image_size=image_size)
+    self._model_parts = (tokenizer, template, image_size, mesh, tiling)
     self.out_dir = pathlib.Path(out_dir) if out_dir is not None else None
     self._judge: judge_lib.LLMClient | None = None
     self._decoders: set[decode_lib.Decoder] = set()
@@ -558,8 +568,7 @@ class PeriodicBenchmarks:
 
   def __call__(self, graphdef: Any, params: Any, *, step: int) -> dict[str, float]:
     """``<benchmark>/<metric>`` for every scalar metric of every benchmark."""
-    tokenizer, template, image_size, mesh = self._model_parts
-    model = LoadedModel(graphdef, params, tokenizer, template, image_size, mesh)
+    model = LoadedModel(graphdef, params, *self._model_parts)
     generate = Generator(model, self.bench_cfg)
     out: dict[str, float] = {}
     for name in self.names:

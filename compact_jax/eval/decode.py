@@ -69,7 +69,7 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def _check_inputs(image, prompt_tokens, prompt_mask, has_image) -> None:
+def _check_inputs(image, prompt_tokens, prompt_mask, has_image, tile_layout=None) -> None:
   """Host-side checks with errors that say what is wrong (inside jit they would be silent)."""
   if np.ndim(prompt_tokens) != 2:
     raise ValueError(f"prompt_tokens must be int32[B, P], got shape {np.shape(prompt_tokens)}")
@@ -78,7 +78,13 @@ def _check_inputs(image, prompt_tokens, prompt_mask, has_image) -> None:
     raise ValueError(f"prompt_mask has shape {np.shape(prompt_mask)}, expected {(b, p)}")
   if np.shape(has_image) != (b,):
     raise ValueError(f"has_image has shape {np.shape(has_image)}, expected {(b,)}")
-  if np.ndim(image) != 4 or np.shape(image)[0] != b:
+  if tile_layout is not None:
+    # Dynamic resolution: a global view and tiles per row (models/anyres.py).
+    if np.ndim(image) != 5 or np.shape(image)[0] != b:
+      raise ValueError(f"image must be float32[{b}, V, S, S, 3], got shape {np.shape(image)}")
+    if np.shape(tile_layout) != (b, 4):
+      raise ValueError(f"tile_layout has shape {np.shape(tile_layout)}, expected {(b, 4)}")
+  elif np.ndim(image) != 4 or np.shape(image)[0] != b:
     raise ValueError(f"image must be float32[{b}, H, W, 3], got shape {np.shape(image)}")
   mask = np.asarray(prompt_mask, bool)
   if not mask[:, -1].all():
@@ -152,6 +158,7 @@ class Decoder:
     has_image: jax.Array,
     row_ids: jax.Array | None = None,
     seed: int | None = None,
+    tile_layout: jax.Array | None = None,
   ) -> jax.Array:
     """Continuations of each prompt.
 
@@ -165,12 +172,14 @@ class Decoder:
         0..B-1); give each example a stable id to make sampling batch-invariant.
         Unused when greedy.
       seed: overrides ``sampling.seed`` for this call (a traced value: no recompile).
+      tile_layout: int32[B, 4] for a model with ``model.dynamic_res`` (then image is
+        float32[B, V, S, S, 3], from ``data.image.ImagePreprocessor``).
 
     Returns:
       int32[B, max_new_tokens]: generated tokens; after a row's stop token (which
       is kept) every token is ``pad_id``.
     """
-    _check_inputs(image, prompt_tokens, prompt_mask, has_image)
+    _check_inputs(image, prompt_tokens, prompt_mask, has_image, tile_layout)
     b = np.shape(prompt_tokens)[0]
     if row_ids is None:
       row_ids = np.arange(b)
@@ -184,6 +193,7 @@ class Decoder:
       jnp.asarray(has_image, bool),
       jnp.asarray(row_ids, jnp.uint32),
       jnp.uint32(self.sampling.seed if seed is None else seed),
+      None if tile_layout is None else jnp.asarray(tile_layout, jnp.int32),
     )
 
   def _pick(self, logits: jax.Array, row_keys: jax.Array, t: jax.Array) -> jax.Array:
@@ -195,7 +205,9 @@ class Decoder:
     keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
-  def _decode(self, state, image, prompt_tokens, prompt_mask, has_image, row_ids, seed):
+  def _decode(
+    self, state, image, prompt_tokens, prompt_mask, has_image, row_ids, seed, tile_layout
+  ):
     self.num_traces += 1  # runs at trace time only
     model: VLM = nnx.merge(self.graphdef, state)
     lm = model.llm
@@ -206,7 +218,7 @@ class Decoder:
     row_keys = jax.vmap(lambda r: jax.random.fold_in(base_key, r))(row_ids)
 
     # Prefill: the whole prefix in one pass, writing cache slots [0, N + P).
-    x, valid, _ = model.embed_prefix(image, prompt_tokens, prompt_mask, has_image)
+    x, valid, _ = model.embed_prefix(image, prompt_tokens, prompt_mask, has_image, tile_layout)
     prefix_len = x.shape[1]
     n_img = prefix_len - prompt_tokens.shape[1]
     prompt_ar = jnp.zeros_like(prompt_tokens, jnp.int32)
@@ -312,9 +324,9 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_logits(graphdef, state, *batch):
+def _forward_logits(graphdef, state, *batch, tile_layout=None):
   # graphdef is static, so models of one architecture share a compile.
-  return nnx.merge(graphdef, state)(*batch)[0]
+  return nnx.merge(graphdef, state)(*batch, tile_layout=tile_layout)[0]
 
 
 def greedy_decode_reference(
@@ -327,6 +339,7 @@ def greedy_decode_reference(
   max_new_tokens: int,
   eos_id: int,
   pad_id: int,
+  tile_layout: jax.Array | None = None,
 ) -> np.ndarray:
   """Greedy decoding by full forward passes, no cache (slow; for tests and debugging).
 
@@ -339,7 +352,7 @@ def greedy_decode_reference(
   Returns:
     int32[B, max_new_tokens], ``pad_id`` after each row's EOS.
   """
-  _check_inputs(image, prompt_tokens, prompt_mask, has_image)
+  _check_inputs(image, prompt_tokens, prompt_mask, has_image, tile_layout)
   graphdef, state = nnx.split(model)
   b, p = np.shape(prompt_tokens)
   tokens = np.full((b, p + max_new_tokens), pad_id, np.int32)
@@ -352,6 +365,7 @@ def greedy_decode_reference(
   done = np.zeros((b,), bool)
   image = jnp.asarray(image, jnp.float32)
   has_image = jnp.asarray(has_image, bool)
+  tile_layout = None if tile_layout is None else jnp.asarray(tile_layout, jnp.int32)
   for t in range(max_new_tokens):
     logits = _forward_logits(
       graphdef,
@@ -361,6 +375,7 @@ def greedy_decode_reference(
       jnp.asarray(mask_ar),
       jnp.asarray(mask_input),
       has_image,
+      tile_layout=tile_layout,
     )
     tok = np.asarray(jnp.argmax(logits[:, p + t - 1], axis=-1), np.int32)
     tok = np.where(done, pad_id, tok)

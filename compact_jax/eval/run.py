@@ -34,6 +34,7 @@ from compact_jax.data import template as template_lib
 from compact_jax.eval import decode as decode_lib
 from compact_jax.eval import metrics as metrics_lib
 from compact_jax.eval import report as report_lib
+from compact_jax.models import anyres
 from compact_jax.train import loop as train_loop
 from compact_jax.train import mesh as mesh_lib
 
@@ -82,6 +83,13 @@ def with_suffix(question: str, suffix: str) -> str:
   return f"{q}{suffix}" if suffix else q
 
 
+def image_preprocessor(config: ml_collections.ConfigDict) -> image_lib.ImagePreprocessor:
+  """How ``config``'s model takes images (one image, or tiles with
+  ``config.model.dynamic_res``): the data pipeline's preprocessing, for evaluation."""
+  tiling = anyres.tiling_from_config(config.model.dynamic_res, image_size=config.data.image_size)
+  return image_lib.ImagePreprocessor(config.data.image_size, tiling)
+
+
 def _bucket(n: int, buckets: Sequence[int]) -> int:
   for b in sorted(buckets):
     if n <= b:
@@ -97,7 +105,7 @@ class Predictor:
     self.tokenizer = tokenizer
     self.template = template
     self.cfg = config.eval
-    self.image_size = config.data.image_size
+    self.image_shape = image_preprocessor(config).image_shape
     self.mesh = mesh
     self.stop_id = template_lib.stop_id(tokenizer, template)
     self.decode = decode_lib.make_greedy_decoder(
@@ -108,9 +116,15 @@ class Predictor:
     )
 
   def __call__(
-    self, prompts: Sequence[str], images: np.ndarray, has_image: np.ndarray
+    self,
+    prompts: Sequence[str],
+    images: np.ndarray,
+    has_image: np.ndarray,
+    tile_layout: np.ndarray | None = None,
   ) -> list[str]:
-    """Answers for up to ``eval.batch_size`` prompts; images float32[n, S, S, 3]."""
+    """Answers for up to ``eval.batch_size`` prompts; images float32[n, S, S, 3]
+    (with ``model.dynamic_res``: float32[n, V, S, S, 3] and tile_layout int32[n, 4],
+    from :func:`image_preprocessor`)."""
     b = self.cfg.batch_size
     n = len(prompts)
     enc = [template_lib.encode_prompt(p, self.tokenizer, self.template) for p in prompts]
@@ -120,14 +134,18 @@ class Predictor:
     for i, e in enumerate(enc):
       tokens[i, length - len(e) :] = e  # left padding: answers start at one column
       mask[i, length - len(e) :] = True
-    img = np.zeros((b, self.image_size, self.image_size, 3), np.float32)
+    img = np.zeros((b, *self.image_shape), np.float32)
     img[:n] = images
     hi = np.zeros((b,), bool)
     hi[:n] = has_image
     # Padding rows get a one-token prompt so no row is empty.
     tokens[n:, -1] = self.tokenizer.bos_id
     mask[n:, -1] = True
-    out = np.asarray(jax.device_get(self.decode(self.params, img, tokens, mask, hi)))
+    kw = {}
+    if tile_layout is not None:
+      kw["tile_layout"] = np.ones((b, 4), np.int32)  # padding rows: any valid layout
+      kw["tile_layout"][:n] = tile_layout
+    out = np.asarray(jax.device_get(self.decode(self.params, img, tokens, mask, hi, **kw)))
     answers = []
     for row in out[:n]:
       ids = [int(t) for t in row]
@@ -169,32 +187,31 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   suffix = config.eval.prompt_suffix
   b = config.eval.batch_size
   preds, blind = [], []
-  image_cache: dict[int, np.ndarray] = {}
+  prep = image_preprocessor(config)
+  image_cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
   start = time.time()
   n_batches = math.ceil(len(questions) / b)
   with jax.set_mesh(mesh):
     for bi in range(n_batches):
       chunk = range(bi * b, min((bi + 1) * b, len(questions)))
       prompts = [with_suffix(questions[i].question, suffix) for i in chunk]
-      images, has_image = [], []
+      images, layouts, has_image = [], [], []
       for i in chunk:
         r = rec_index[i]
         if r not in image_cache:
           rec = source[r]
-          image_cache[r] = (
-            image_lib.preprocess_image(
-              rec["image"], config.data.image_size, where=f"record {rec['id']!r}"
-            )
-            if rec["has_image"]
-            else np.zeros((config.data.image_size,) * 2 + (3,), np.float32)
+          image_cache[r] = prep(
+            rec["image"] if rec["has_image"] else None, where=f"record {rec['id']!r}"
           )
-        images.append(image_cache[r])
+        images.append(image_cache[r][0])
+        layouts.append(image_cache[r][1])
         has_image.append(bool(source[r]["has_image"]))
       images = np.stack(images)
+      layouts = None if prep.tiling is None else np.stack(layouts)
       has_image = np.asarray(has_image)
-      preds += predict(prompts, images, has_image)
+      preds += predict(prompts, images, has_image, layouts)
       # The text-only baseline: the same model and prompts, a blank image.
-      blind += predict(prompts, np.zeros_like(images), has_image)
+      blind += predict(prompts, np.zeros_like(images), has_image, layouts)
       done = len(preds)
       rate = done / max(time.time() - start, 1e-9)
       if bi % 5 == 0 or bi == n_batches - 1:

@@ -17,13 +17,22 @@ each example, and the ViT's output for each image slot is gathered into the
 row where ``image_index`` says. Each example then computes what it would
 alone in an unpacked row (tests/train/test_packing.py).
 
+Dynamic resolution (``tiling``, from ``config.model.dynamic_res``; see
+models/anyres.py): ``image`` is float32[B, V, S, S, 3], a global view and tiles,
+with ``tile_layout`` int32[B, 4]. The ViT and connector run on all B * V views;
+``anyres.arrange_tokens`` lays the features out as N fixed image tokens and
+marks the ones outside the example's layout, AnyRes padding and budget invalid;
+they join ``has_image`` in the ``valid`` mask, so they never reach a text token.
+
 Parameter paths ('/'-joined ``nnx.state`` paths, big_vision names):
 ``img/...`` (ViT; the linear connector is ``img/head``), ``connector/...``
-(the mlp2x_gelu connector), ``llm/...`` (decoder).
+(the mlp2x_gelu connector), ``llm/...`` (decoder), ``image_newline`` (the
+tile-row separator with ``dynamic_res.newline``; LLaVA-NeXT's name).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -33,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compact_jax.models import connectors, llm, siglip
-from compact_jax.sharding import constrain
+from compact_jax.models import anyres, connectors, llm, siglip
+from compact_jax.sharding import constrain, param
 
 
 def make_attn_mask(
@@ -85,6 +94,8 @@ class VLM(nnx.Module):
     causal_image: image tokens attend causally among themselves (LLaVA, whose
       LM is a plain causal decoder) instead of as a full-attention prefix
       (PaliGemma).
+    tiling: dynamic resolution (AnyRes / InternVL tiles of ``image_size`` px);
+      None = one ``image_size`` image per example.
     rngs: init randomness.
   """
 
@@ -101,6 +112,7 @@ class VLM(nnx.Module):
     remat_policy: str = "none",
     dtype: str = "float32",
     causal_image: bool = False,
+    tiling: anyres.Tiling | None = None,
     rngs: nnx.Rngs,
   ):
     vit_v = siglip.decode_variant(vit_variant) if isinstance(vit_variant, str) else vit_variant
@@ -122,6 +134,27 @@ class VLM(nnx.Module):
     # Partial LoRA (InternLM-XComposer2): LLM adapters only at image tokens.
     self.partial_lora = False
     self._num_image_tokens = spec.num_tokens(grid)
+    self.tiling = tiling
+    if tiling is not None:
+      if tiling.tile_size != image_size:
+        raise ValueError(
+          f"VLM: tiles of {tiling.tile_size} px but image_size={image_size}; the tile is "
+          "the ViT input (data.image_size)"
+        )
+      side = math.isqrt(self._num_image_tokens)
+      if connector.startswith("resampler") or side * side != self._num_image_tokens:
+        raise ValueError(
+          f"model.dynamic_res needs a connector whose tokens form the patch grid (linear, "
+          f"mlp2x_gelu, pixel_shuffle_mlp); model.connector={connector!r} has "
+          f"{self._num_image_tokens} unordered tokens"
+        )
+      self._num_image_tokens = tiling.num_tokens(side)
+      if tiling.newline:
+        # LLaVA-NeXT's init: randn / sqrt(width), the scale of the image features.
+        d = llm_v.width
+        self.image_newline = param(
+          jax.random.normal(rngs.params(), (d,)) / math.sqrt(d), ("embed",)
+        )
 
   @classmethod
   def from_config(
@@ -141,26 +174,58 @@ class VLM(nnx.Module):
       dtype=c.dtype,
       # Checkpoints saved before the key existed restore a model config without it.
       causal_image=c.get("causal_image", False),
+      tiling=anyres.tiling_from_config(c.get("dynamic_res"), image_size=image_size),
       rngs=rngs,
     )
 
   @property
   def num_image_tokens(self) -> int:
     """Image tokens the LLM sees (after the connector: pixel shuffle and the
-    resampler change the patch count)."""
+    resampler change the patch count; with ``tiling``, ``Tiling.num_tokens``)."""
     return self._num_image_tokens
 
-  def _embed_image(self, image: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    z, img_aux = self.img(image)
+  def _embed_image(
+    self, image: jax.Array, tile_layout: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array | None, dict[str, jax.Array]]:
+    """(tokens float[B, N, D_llm], valid bool[B, N] or None = all, aux)."""
+    if self.tiling is None:
+      if tile_layout is not None:
+        raise ValueError("VLM: got a tile_layout, but the model has no model.dynamic_res")
+      z, img_aux = self.img(image)
+      valid = None
+    else:
+      slots = self.tiling.num_slots
+      if image.ndim != 5 or image.shape[1] != slots:
+        raise ValueError(
+          f"VLM: model.dynamic_res.mode={self.tiling.mode!r} expects image "
+          f"float32[B, {slots}, S, S, 3] (global view + tiles), got shape {image.shape}"
+        )
+      if tile_layout is None or tile_layout.shape != (image.shape[0], 4):
+        got = None if tile_layout is None else tile_layout.shape
+        raise ValueError(
+          f"VLM: model.dynamic_res.mode={self.tiling.mode!r} needs tile_layout int32[B, 4] "
+          f"(rows, cols, height, width; data/image.py tile_views), got {got}"
+        )
+      b = image.shape[0]
+      z, img_aux = self.img(image.reshape(b * slots, *image.shape[2:]))
     if self.connector is not None:
       z = self.connector(z)
     aux = {f"img/{k}": val for k, val in img_aux.items()}
+    if self.tiling is not None:
+      z, valid = anyres.arrange_tokens(
+        z.reshape(b, slots, *z.shape[1:]),
+        tile_layout,
+        self.tiling,
+        newline=self.image_newline[...] if self.tiling.newline else None,
+      )
+      aux["img/valid"] = valid
     aux["img/zimg"] = z
-    return z, aux
+    return z, valid, aux
 
-  def embed_image(self, image: jax.Array) -> jax.Array:
-    """float32[B, H, W, 3] in [-1, 1] -> float[B, N, D_llm] image tokens for the LLM."""
-    return self._embed_image(image)[0]
+  def embed_image(self, image: jax.Array, tile_layout: jax.Array | None = None) -> jax.Array:
+    """float32[B, H, W, 3] in [-1, 1] -> float[B, N, D_llm] image tokens for the LLM.
+    With ``tiling``: image float32[B, V, S, S, 3] and ``tile_layout`` int32[B, 4]."""
+    return self._embed_image(image, tile_layout)[0]
 
   def lora_mask(self, batch: int, num_image: int, num_text: int) -> jax.Array | None:
     """bool[B, N + T], True at image tokens, when ``partial_lora``; else None."""
@@ -176,23 +241,31 @@ class VLM(nnx.Module):
     return jnp.concatenate([img_ar, mask_ar.astype(jnp.int32)], axis=1)
 
   def embed_prefix(
-    self, image: jax.Array, tokens: jax.Array, mask_input: jax.Array, has_image: jax.Array
+    self,
+    image: jax.Array,
+    tokens: jax.Array,
+    mask_input: jax.Array,
+    has_image: jax.Array,
+    tile_layout: jax.Array | None = None,
   ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Embeds ``[image tokens ; text tokens]`` and marks which are valid.
 
     Args:
-      image: float32[B, H, W, 3].
+      image: float32[B, H, W, 3] (with ``tiling``: float32[B, V, S, S, 3]).
       tokens: int32[B, T].
       mask_input: bool[B, T], False on padding.
       has_image: bool[B]; False makes all N image tokens invalid.
+      tile_layout: int32[B, 4], with ``tiling`` only.
 
     Returns:
       (x float[B, N + T, D], valid bool[B, N + T], aux).
     """
-    zimg, aux = self._embed_image(image)
+    zimg, tile_valid, aux = self._embed_image(image, tile_layout)
     ztxt = self.llm.embed(tokens)
     x = jnp.concatenate([zimg.astype(ztxt.dtype), ztxt], axis=1)
     img_valid = jnp.broadcast_to(has_image.astype(bool)[:, None], zimg.shape[:2])
+    if tile_valid is not None:
+      img_valid = img_valid & tile_valid
     valid = jnp.concatenate([img_valid, mask_input.astype(bool)], axis=1)
     return constrain(x, llm.ACT), valid, aux
 
@@ -204,23 +277,28 @@ class VLM(nnx.Module):
     mask_input: jax.Array,
     has_image: jax.Array,
     *,
+    tile_layout: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training forward pass.
 
     Args:
-      image: float32[B, H, W, 3] in SigLIP's [-1, 1] range.
+      image: float32[B, H, W, 3] in SigLIP's [-1, 1] range (with ``tiling``:
+        float32[B, V, S, S, 3], the global view and tiles).
       tokens: int32[B, T] text tokens.
       mask_ar: int32[B, T]; 0 = prefix (full attention with the image), 1 = causal.
       mask_input: bool[B, T], False on padding.
       has_image: bool[B].
+      tile_layout: int32[B, 4] (rows, cols, image height, image width), with
+        ``tiling`` only.
       dropout_rng: the LLM's LoRA dropout key in training (``llm.LLM``); None
         (eval) applies no dropout.
 
     Returns:
       (logits float32[B, T, V], aux). The logit at text position t predicts
       token t + 1. aux: "img/stem", "img/encoded", "img/zimg" float[B, N, D_llm],
-      "llm/pre_logits" float[B, T, D_llm] (text positions).
+      "llm/pre_logits" float[B, T, D_llm] (text positions); with ``tiling`` also
+      "img/valid" bool[B, N].
     """
     b, t = tokens.shape
     for name, arr in (("mask_ar", mask_ar), ("mask_input", mask_input)):
@@ -228,7 +306,7 @@ class VLM(nnx.Module):
         raise ValueError(f"VLM: {name} has shape {arr.shape}, expected tokens' shape {(b, t)}")
     if has_image.shape != (b,):
       raise ValueError(f"VLM: has_image has shape {has_image.shape}, expected {(b,)}")
-    x, valid, aux = self.embed_prefix(image, tokens, mask_input, has_image)
+    x, valid, aux = self.embed_prefix(image, tokens, mask_input, has_image, tile_layout)
     n = x.shape[1] - t
     full_ar = self.full_mask_ar(n, mask_ar)
     positions = jnp.cumsum(valid, axis=1) - 1
@@ -277,6 +355,11 @@ class VLM(nnx.Module):
       pipeline gives it no loss weight. aux: "img/..." of the ViT over all B * M
       slots, "llm/pre_logits" float[B, P, D_llm].
     """
+    if self.tiling is not None:
+      raise ValueError(
+        "VLM.forward_packed: packing (data.pack_length > 0) does not support "
+        f"model.dynamic_res.mode={self.tiling.mode!r} yet"
+      )
     if image.ndim != 5:
       raise ValueError(
         f"VLM.forward_packed: image has shape {image.shape}, expected [B, M, H, W, 3]"
@@ -294,7 +377,7 @@ class VLM(nnx.Module):
         raise ValueError(f"VLM.forward_packed: {name} has shape {arr.shape}, expected {(b, p)}")
     # Empty slots run through the ViT too (fixed shapes); no token gathers them,
     # so they get no gradient and change no output.
-    zimg, aux = self._embed_image(image.reshape(b * m, *image.shape[2:]))
+    zimg, _, aux = self._embed_image(image.reshape(b * m, *image.shape[2:]))
     n = zimg.shape[1]
     zimg = zimg.reshape(b, m * n, zimg.shape[-1])
     ztxt = self.llm.embed(tokens)

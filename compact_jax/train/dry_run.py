@@ -168,6 +168,13 @@ def dry_run(
       f"dry_run: packed steps are not planned yet (data.pack_length="
       f"{config.data.pack_length}); plan with --config.data.pack_length=0"
     )
+  if config.model.dynamic_res.mode:
+    # Tiled steps take [B, V, S, S, 3] images and a tile_layout; the abstract batch
+    # below is the single-image one, so its plan would be wrong.
+    raise ValueError(
+      f"dry_run: dynamic-resolution steps are not planned yet (model.dynamic_res.mode="
+      f"{config.model.dynamic_res.mode!r}); plan with --config.model.dynamic_res.mode=''"
+    )
   phase_cfg = loop_lib.phase_config(config, phase)
   vocab_size = vocab_size or default_vocab_size(config)
   seq_len = seq_len or max(config.data.seq_buckets)

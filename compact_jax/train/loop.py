@@ -40,6 +40,7 @@ from compact_jax import sharding as sharding_lib
 from compact_jax.data import build as build_lib
 from compact_jax.data import pipeline as pipeline_lib
 from compact_jax.data import template as template_lib
+from compact_jax.models import anyres
 from compact_jax.train import checkpoint as checkpoint_lib
 from compact_jax.train import flops as flops_lib
 from compact_jax.train import mesh as mesh_lib
@@ -237,7 +238,6 @@ class TrainEvalHook:
     benchmarks_dir: str | None = None,
   ):
     # Imported here: compact_jax.eval.run imports this module.
-    from compact_jax.data import image as image_lib
     from compact_jax.eval import bench_run
     from compact_jax.eval import run as eval_run
 
@@ -247,19 +247,21 @@ class TrainEvalHook:
     if not self.questions:
       raise ValueError(f"eval hook: split {config.eval.split!r} has no question/answer pairs")
     size = config.data.image_size
-    blank = np.zeros((size, size, 3), np.float32)
     self.prompts = [
       eval_run.with_suffix(q.question, config.eval.prompt_suffix) for q in self.questions
     ]
-    self.images, self.has_image = [], []
+    # The train pipeline's preprocessing (tiles too, with model.dynamic_res).
+    prep = eval_run.image_preprocessor(config)
+    self.images, self.layouts, self.has_image = [], [], []
     for r in rec_index:
       rec = source[r]
       self.has_image.append(bool(rec["has_image"]))
-      self.images.append(
-        image_lib.preprocess_image(rec["image"], size, where=f"record {rec['id']!r}")
-        if rec["has_image"]
-        else blank
+      image, layout = prep(
+        rec["image"] if rec["has_image"] else None, where=f"record {rec['id']!r}"
       )
+      self.images.append(image)
+      self.layouts.append(layout)
+    self.tiled = prep.tiling is not None
     self.batch_size = config.eval.batch_size
     self.mesh = mesh
     self._make_predictor = lambda graphdef, params: eval_run.Predictor(
@@ -284,7 +286,10 @@ class TrainEvalHook:
     for i in range(0, len(self.prompts), self.batch_size):
       sl = slice(i, i + self.batch_size)
       preds += self._predictor(
-        self.prompts[sl], np.stack(self.images[sl]), np.asarray(self.has_image[sl])
+        self.prompts[sl],
+        np.stack(self.images[sl]),
+        np.asarray(self.has_image[sl]),
+        np.stack(self.layouts[sl]) if self.tiled else None,
       )
     correct = [self._metrics.exact_match(p, q.answer) for p, q in zip(preds, self.questions)]
     table = self._metrics.accuracy_table(self.questions, correct)
@@ -340,6 +345,13 @@ def flops_per_bucket(
 ) -> dict[int, float] | None:
   """Model FLOPs of one train step per text-length bucket (flops.step_flops), or None
   (logged) when the FLOP model does not know this model's parameters."""
+  if step_lib.is_tiled(config):
+    logging.warning(
+      "No FLOP/MFU logging: the FLOP model does not count dynamic-resolution tiles "
+      "(model.dynamic_res.mode=%r)",
+      config.model.dynamic_res.mode,
+    )
+    return None
   shapes, trained = flops_lib.shapes_and_trainable(setup.abstract["params"], setup.trainable)
   out = {}
   try:
@@ -529,6 +541,8 @@ def run_train(
     )
     if packed
     else None,
+    # The model's tiling (VLM.from_config reads the same keys).
+    tiling=anyres.tiling_from_config(config.model.dynamic_res, image_size=config.data.image_size),
   )
   data_iter = pipeline_lib.make_iterator(dataset)
   ckpt = checkpoint_lib.Checkpointer(

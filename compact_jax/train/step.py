@@ -3,6 +3,9 @@
 With packing (``config.data.pack_length`` > 0) batches are packed rows
 (``data.pipeline.pack_rows``: ``PACKED_BATCH_KEYS``) of one fixed shape, so the
 step compiles once; the loss is the same per-answer-token mean either way.
+With dynamic resolution (``config.model.dynamic_res``) images are a global view
+plus tiles, ``image`` float32[B, V, S, S, 3], with ``tile_layout`` int32[B, 4]
+(``TILED_BATCH_KEYS``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ Batch = dict[str, jax.Array]
 BATCH_KEYS = ("image", "has_image", "tokens", "mask_ar", "mask_loss", "mask_input")
 # Packed rows add each token's example, RoPE position and image-token source.
 PACKED_BATCH_KEYS = (*BATCH_KEYS, "segment_ids", "positions", "image_index")
+# Dynamic resolution adds each example's tile layout (rows, cols, height, width).
+TILED_BATCH_KEYS = (*BATCH_KEYS, "tile_layout")
 
 
 def is_packed(config) -> bool:
@@ -32,8 +37,15 @@ def is_packed(config) -> bool:
   return config.data.pack_length > 0
 
 
-def batch_keys(packed: bool) -> tuple[str, ...]:
-  return PACKED_BATCH_KEYS if packed else BATCH_KEYS
+def is_tiled(config) -> bool:
+  """Whether ``config``'s images are tiled (``model.dynamic_res``)."""
+  return bool(config.model.dynamic_res.mode)
+
+
+def batch_keys(packed: bool, tiled: bool = False) -> tuple[str, ...]:
+  if packed:
+    return PACKED_BATCH_KEYS
+  return TILED_BATCH_KEYS if tiled else BATCH_KEYS
 
 
 def forward(
@@ -60,6 +72,7 @@ def forward(
     batch["mask_ar"],
     batch["mask_input"],
     batch["has_image"],
+    tile_layout=batch.get("tile_layout"),
     dropout_rng=dropout_rng,
   )
   return logits
@@ -264,10 +277,14 @@ def make_train_step(
   return step
 
 
-def batch_shardings(mesh: Mesh, packed: bool = False) -> dict[str, NamedSharding]:
+def batch_shardings(
+  mesh: Mesh, packed: bool = False, tiled: bool = False
+) -> dict[str, NamedSharding]:
   # Packed images are [B, M, H, W, 3] with has_image [B, M]: a row's slots stay on its device.
   ndims = {"image": 5, "has_image": 2} if packed else {"image": 4, "has_image": 1}
-  return {k: mesh_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in batch_keys(packed)}
+  if tiled:
+    ndims["image"] = 5  # [B, V, S, S, 3]: an example's views stay on its device
+  return {k: mesh_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in batch_keys(packed, tiled)}
 
 
 class TrainStep:
@@ -297,7 +314,10 @@ class TrainStep:
 
     self._jitted = jax.jit(
       wrapped,
-      in_shardings=(setup.shardings, batch_shardings(mesh, is_packed(config))),
+      in_shardings=(
+        setup.shardings,
+        batch_shardings(mesh, is_packed(config), is_tiled(config)),
+      ),
       out_shardings=(setup.shardings, NamedSharding(mesh, P())),
       donate_argnums=(0,),
     )
@@ -321,7 +341,7 @@ class TrainStep:
 
 
 def to_global_batch(batch: dict[str, Any], mesh: Mesh) -> Batch:
-  """Host-local numpy batch (unpacked, or packed: it has ``segment_ids``) -> global
-  jax.Arrays sharded over the batch axes."""
-  shard = batch_shardings(mesh, "segment_ids" in batch)
+  """Host-local numpy batch (unpacked, or packed: it has ``segment_ids``; tiled: it has
+  ``tile_layout``) -> global jax.Arrays sharded over the batch axes."""
+  shard = batch_shardings(mesh, "segment_ids" in batch, "tile_layout" in batch)
   return {k: jax.make_array_from_process_local_data(v, batch[k]) for k, v in shard.items()}

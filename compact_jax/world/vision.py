@@ -338,7 +338,9 @@ def run_vision(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
 
   vlm = state_lib.build_model(config.model, vocab_size=8, image_size=size, seed=config.seed)
   tower = vlm.img
-  patch = size // round(float(np.sqrt(vlm.num_image_tokens)))
+  # The tower's own patch size: num_image_tokens counts connector tokens (pixel
+  # shuffle, resampler, dynamic-resolution tiles), not patches.
+  patch = tower.variant.patch_size
   to_cell = patch_cells(grid, size, patch)
   width = nnx.state(tower, nnx.Param)["embedding"]["kernel"].shape[-1]
   model = CellProbe(tower, width, rngs=nnx.Rngs(config.seed + 1))
