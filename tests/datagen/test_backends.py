@@ -203,3 +203,29 @@ def test_dry_run_prints_prompts_without_requests(pool, tmp_path, capsys, monkeyp
   text = capsys.readouterr().out
   assert "EXACTLY these" in text and "Proposed answer: {answer}" in text
   assert not (tmp_path / "datagen").exists()
+
+
+def test_openai_reply_parsing_tolerates_missing_fields():
+  from compact_jax.datagen import backends as b
+  from compact_jax.datagen.backends import openai_backend
+
+  full = {
+    "id": "chatcmpl-1",
+    "choices": [{"message": {"role": "assistant", "content": '{"a": 1}'}}],
+    "usage": {"prompt_tokens": 120, "completion_tokens": 7},
+  }
+  r = openai_backend._parse_reply(full)
+  assert (r.text, r.response_id, r.input_tokens, r.output_tokens) == (
+    '{"a": 1}',
+    "chatcmpl-1",
+    120,
+    7,
+  )
+  # No usage, no id, null content (a refusal): an empty, unbilled reply with a content-hash id
+  # that the engine then rejects as malformed; never a crash.
+  bare = openai_backend._parse_reply({"choices": [{"message": {"content": None}}]})
+  assert (bare.text, bare.input_tokens, bare.output_tokens) == ("", 0, 0)
+  assert len(bare.response_id) == 24
+  assert openai_backend._parse_reply({"choices": [], "usage": {"prompt_tokens": "x"}}).text == ""
+  with pytest.raises(b.PermanentError, match="not a JSON object"):
+    openai_backend._parse_reply(["not", "a", "dict"])
