@@ -37,6 +37,7 @@ def _stage_fns() -> dict[str, Callable]:
   from compact_jax.eval.bench_run import run_benchmarks
   from compact_jax.eval.run import run_eval
   from compact_jax.experiments.compact_repro import run_experiment
+  from compact_jax.train.export import run_export
   from compact_jax.train.loop import TRAIN_PHASES, run_train
   from compact_jax.world.generate import run_generate
   from compact_jax.world.vision import run_vision
@@ -48,6 +49,7 @@ def _stage_fns() -> dict[str, Callable]:
     **{phase: functools.partial(run_train, phase=phase) for phase in TRAIN_PHASES},
     "eval": run_eval,
     "benchmarks": run_benchmarks,
+    "export": run_export,
     "datagen": run_datagen,
     "merge": run_merge,
     "mix": run_mix,

@@ -280,6 +280,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ("act_mlp", "tensor"),
   )
 
+  # --- export (compact_jax/train/export.py) -----------------------------------
+  # The latest checkpoint of this phase -> export/model.npz (LoRA merged, big_vision
+  # layout) + model.json.
+  c.export = ml_collections.ConfigDict()
+  c.export.phase = "train"
+
   # --- eval (compact_jax/eval) -------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
