@@ -186,6 +186,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.template = "gemma"  # chat template, see compact_jax/data/template.py
   c.data.image_size = 64  # model input resolution (after pad-to-square)
+  # RGB of the pad-to-square (and AnyRes letterbox) padding. Mid-grey is 0 after SigLIP's
+  # [-1, 1] scaling; LLaVA-1.5 pads with CLIP's mean colour (configs/llava15_7b.py).
+  c.data.pad_fill = (127, 127, 127)
   # Text lengths (tokens) that batches are padded to; one compile per bucket.
   c.data.seq_buckets = (64, 80, 96, 128, 144)
   # Sequence packing (0 = off): rows of pack_length LLM positions (image tokens

@@ -42,6 +42,9 @@ from configs import base
 # tower -> (vit_variant, image size): LLaVA-1.5's CLIP-L/14-336 (576 tokens) or
 # SigLIP So400m/14 @ 384 (729 tokens).
 TOWERS = {"clip": ("clip-L/14", 336), "siglip": ("So400m/14", 384)}
+# LLaVA-1.5 pads images to a square with its processor's mean colour,
+# tuple(int(x * 255) for x in image_mean): CLIP's (0.4815, 0.4578, 0.4082), SigLIP's 0.5.
+PAD_FILL = {"clip": (122, 116, 104), "siglip": (127, 127, 127)}
 
 
 def get_config(arg: str | None = None):
@@ -52,6 +55,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"llava15_7b: tower must be one of {sorted(TOWERS)}, got {tower!r}")
   c = base.get_config()
   c.model.vit_variant, c.data.image_size = TOWERS[tower]
+  c.data.pad_fill = PAD_FILL[tower]
   c.model.vit_output_layer = -2  # LLaVA's penultimate-layer features
   c.model.connector = "mlp2x_gelu"
   c.model.llm_variant = "vicuna_7b"

@@ -25,6 +25,20 @@ from compact_jax.models import anyres
 PAD_FILL = (127, 127, 127)
 
 
+def check_fill(fill, *, key: str = "pad_fill") -> tuple[int, int, int]:
+  """``fill`` as an (r, g, b) tuple of ints in 0..255, or a ValueError naming ``key``."""
+  try:
+    rgb = tuple(fill)
+  except TypeError:
+    rgb = ()
+  ok = len(rgb) == 3 and all(
+    isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in rgb
+  )
+  if not ok:
+    raise ValueError(f"{key} must be three integers in 0..255 (an RGB colour), got {fill!r}")
+  return tuple(int(v) for v in rgb)
+
+
 def decode_rgb(data: bytes, *, where: str = "image") -> Image.Image:
   """Decodes encoded image bytes into an RGB PIL image.
 
@@ -55,14 +69,16 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = PAD_FILL) -> Im
   if w == h:
     return img
   side = max(w, h)
-  canvas = Image.new("RGB", (side, side), fill)
+  canvas = Image.new("RGB", (side, side), tuple(fill))
   canvas.paste(img, ((side - w) // 2, (side - h) // 2))
   return canvas
 
 
-def preprocess_image(data: bytes, size: int, *, where: str = "image") -> np.ndarray:
-  """Encoded bytes -> float32[size, size, 3] in [-1, 1]."""
-  img = pad_to_square(decode_rgb(data, where=where))
+def preprocess_image(
+  data: bytes, size: int, *, where: str = "image", fill: tuple[int, int, int] = PAD_FILL
+) -> np.ndarray:
+  """Encoded bytes -> float32[size, size, 3] in [-1, 1], padded to a square with ``fill``."""
+  img = pad_to_square(decode_rgb(data, where=where), fill)
   if img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BICUBIC)
   return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
@@ -72,21 +88,25 @@ def _to_model_range(img: Image.Image) -> np.ndarray:
   return np.asarray(img, dtype=np.float32) / 127.5 - 1.0
 
 
-def resize_and_pad(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+def resize_and_pad(
+  img: Image.Image, size: tuple[int, int], fill: tuple[int, int, int] = PAD_FILL
+) -> Image.Image:
   """LLaVA-NeXT's ``resize_and_pad_image``: scales ``img`` (aspect kept) to fit ``size``
-  (h, w), rounding the shorter side up, and centres it on a PAD_FILL canvas."""
+  (h, w), rounding the shorter side up, and centres it on a ``fill`` canvas."""
   th, tw = size
   w, h = img.size
   if tw / w < th / h:
     nw, nh = tw, min(math.ceil(h * tw / w), th)
   else:
     nw, nh = min(math.ceil(w * th / h), tw), th
-  canvas = Image.new("RGB", (tw, th), PAD_FILL)
+  canvas = Image.new("RGB", (tw, th), tuple(fill))
   canvas.paste(img.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
   return canvas
 
 
-def tile_views(img: Image.Image, tiling: anyres.Tiling) -> tuple[np.ndarray, np.ndarray]:
+def tile_views(
+  img: Image.Image, tiling: anyres.Tiling, fill: tuple[int, int, int] = PAD_FILL
+) -> tuple[np.ndarray, np.ndarray]:
   """An RGB image -> its views for dynamic resolution, as the model expects them.
 
   Returns:
@@ -101,7 +121,7 @@ def tile_views(img: Image.Image, tiling: anyres.Tiling) -> tuple[np.ndarray, np.
   w, h = img.size
   rows, cols = tiling.layout((h, w))
   if tiling.mode == "anyres":
-    canvas = resize_and_pad(img, (rows * s, cols * s))
+    canvas = resize_and_pad(img, (rows * s, cols * s), fill)
   else:
     canvas = img.resize((cols * s, rows * s), Image.Resampling.BICUBIC)
   views = np.zeros((tiling.num_slots, s, s, 3), np.float32)
@@ -124,6 +144,8 @@ class ImagePreprocessor:
 
   image_size: int
   tiling: anyres.Tiling | None = None
+  # The pad-to-square / letterbox colour (``config.data.pad_fill``).
+  pad_fill: tuple[int, int, int] = PAD_FILL
 
   def __call__(
     self, data: bytes | None, *, where: str = "image"
@@ -131,10 +153,10 @@ class ImagePreprocessor:
     if self.tiling is None:
       if data is None:
         return np.zeros((self.image_size, self.image_size, 3), np.float32), None
-      return preprocess_image(data, self.image_size, where=where), None
+      return preprocess_image(data, self.image_size, where=where, fill=self.pad_fill), None
     if data is None:
       return np.zeros(self.image_shape, np.float32), self.tiling.blank_layout()
-    return tile_views(decode_rgb(data, where=where), self.tiling)
+    return tile_views(decode_rgb(data, where=where), self.tiling, self.pad_fill)
 
   @property
   def image_shape(self) -> tuple[int, ...]:

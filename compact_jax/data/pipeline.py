@@ -170,11 +170,12 @@ class _Preprocess:
   image_size: int
   max_len: int
   tiling: anyres.Tiling | None = None
+  pad_fill: tuple[int, int, int] = image_lib.PAD_FILL
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
     enc = encode_record(record, self.tokenizer, self.template)
     n = min(len(enc), self.max_len)
-    img, layout = image_lib.ImagePreprocessor(self.image_size, self.tiling)(
+    img, layout = image_lib.ImagePreprocessor(self.image_size, self.tiling, self.pad_fill)(
       record["image"] if record["has_image"] else None, where=f"record {record['id']!r}"
     )
     out = {
@@ -495,6 +496,7 @@ def make_train_dataset(
   shard_count: int = 1,
   pack: PackSpec | None = None,
   tiling: anyres.Tiling | None = None,
+  pad_fill: tuple[int, int, int] = image_lib.PAD_FILL,
 ) -> grain.MapDataset:
   """An infinite, shuffled, host-sharded MapDataset of padded (or packed) batches.
 
@@ -511,6 +513,7 @@ def make_train_dataset(
       padding one example per row to a bucket.
     tiling: dynamic resolution (``config.model.dynamic_res``): each image becomes
       a global view plus tiles, with a ``tile_layout``; None = one image.
+    pad_fill: RGB colour of pad-to-square and letterbox padding (``data.pad_fill``).
   """
   if pack is not None and tiling is not None:
     raise ValueError(
@@ -523,7 +526,14 @@ def make_train_dataset(
   buckets = tuple(sorted(seq_buckets))
   # Keep only trainable records, then take this host's slice of them.
   shard = _Subset(source, np.asarray(indices, np.int64)[shard_index::shard_count])
-  preprocess = _Preprocess(tokenizer, template, image_size, buckets[-1], tiling)
+  preprocess = _Preprocess(
+    tokenizer,
+    template,
+    image_size,
+    buckets[-1],
+    tiling,
+    image_lib.check_fill(pad_fill, key="data.pad_fill"),
+  )
   if pack is not None:
     plan = packing_plan(
       shard, tokenizer, template, pack, max_text=buckets[-1], batch_size=batch_size, seed=seed

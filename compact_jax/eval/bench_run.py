@@ -61,6 +61,7 @@ class LoadedModel:
   image_size: int
   mesh: Any = None
   tiling: anyres.Tiling | None = None  # the model's dynamic resolution, if any
+  pad_fill: tuple[int, int, int] = image_lib.PAD_FILL  # the train pipeline's padding colour
 
 
 def _bucket(n: int, buckets: Sequence[int], *, where: str) -> int:
@@ -101,7 +102,7 @@ class Generator:
   def __call__(self, examples: Sequence[core.Example], max_new: int, *, desc: str) -> list[str]:
     tok, b = self.m.tokenizer, int(self.cfg.batch_size)
     # The train pipeline's preprocessing: a model trained on tiles is asked with tiles.
-    prep = image_lib.ImagePreprocessor(self.m.image_size, self.m.tiling)
+    prep = image_lib.ImagePreprocessor(self.m.image_size, self.m.tiling, self.m.pad_fill)
     decoder = self.decoder(max_new)
     outputs: list[str] = []
     bar = None
@@ -482,6 +483,8 @@ def load_model(
     cfg.model = ml_collections.ConfigDict(meta["model"])
   cfg.data.template = meta.get("template", cfg.data.template)
   cfg.data.image_size = int(meta.get("image_size", cfg.data.image_size))
+  # As trained (checkpoints from before data.pad_fill: the config's).
+  fill = image_lib.check_fill(meta.get("pad_fill", cfg.data.pad_fill), key="checkpoint pad_fill")
   mesh = mesh_lib.make_mesh(cfg.mesh)
   graphdef, params, meta = train_loop.load_params(cfg, ckpt_workdir, mesh)
   tok_path = meta.get("tokenizer", "")
@@ -489,7 +492,7 @@ def load_model(
   # Checkpoints written before dynamic_res existed have a model config without it.
   tiling = anyres.tiling_from_config(cfg.model.get("dynamic_res"), image_size=cfg.data.image_size)
   model = LoadedModel(graphdef, params, tokenizer, template_lib.TEMPLATES[cfg.data.template],
-                      cfg.data.image_size, mesh, tiling)  # fmt: skip
+                      cfg.data.image_size, mesh, tiling, fill)  # fmt: skip
   return model, {"path": str(ckpt_workdir), "step": step, "id": f"{ckpt_workdir}@{step}"}
 
 
@@ -544,7 +547,8 @@ class PeriodicBenchmarks:
       if not examples:
         raise ValueError(f"Benchmark {name!r} has no questions under {config.bench.data_dir}")
     tiling = anyres.tiling_from_config(config.model.dynamic_res, image_size=image_size)
-    self._model_parts = (tokenizer, template, image_size, mesh, tiling)
+    fill = image_lib.check_fill(config.data.pad_fill, key="data.pad_fill")
+    self._model_parts = (tokenizer, template, image_size, mesh, tiling, fill)
     self.out_dir = pathlib.Path(out_dir) if out_dir is not None else None
     self._judge: judge_lib.LLMClient | None = None
     self._decoders: set[decode_lib.Decoder] = set()

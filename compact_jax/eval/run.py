@@ -87,7 +87,8 @@ def image_preprocessor(config: ml_collections.ConfigDict) -> image_lib.ImagePrep
   """How ``config``'s model takes images (one image, or tiles with
   ``config.model.dynamic_res``): the data pipeline's preprocessing, for evaluation."""
   tiling = anyres.tiling_from_config(config.model.dynamic_res, image_size=config.data.image_size)
-  return image_lib.ImagePreprocessor(config.data.image_size, tiling)
+  fill = image_lib.check_fill(config.data.get("pad_fill", image_lib.PAD_FILL), key="data.pad_fill")
+  return image_lib.ImagePreprocessor(config.data.image_size, tiling, fill)
 
 
 def _bucket(n: int, buckets: Sequence[int]) -> int:

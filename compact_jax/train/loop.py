@@ -543,6 +543,7 @@ def run_train(
     else None,
     # The model's tiling (VLM.from_config reads the same keys).
     tiling=anyres.tiling_from_config(config.model.dynamic_res, image_size=config.data.image_size),
+    pad_fill=config.data.pad_fill,
   )
   data_iter = pipeline_lib.make_iterator(dataset)
   ckpt = checkpoint_lib.Checkpointer(
@@ -558,6 +559,7 @@ def run_train(
     "tokenizer": os.path.abspath(tokenizer.path),
     "template": template_name,
     "image_size": config.data.image_size,
+    "pad_fill": list(config.data.pad_fill),
     "model": config.model.to_dict(),
     "process_count": jax.process_count(),
     "mesh": dict(mesh.shape),
