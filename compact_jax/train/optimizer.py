@@ -22,6 +22,10 @@ from compact_jax.train.mesh import path_names, unflatten
 FROZEN = "frozen"
 
 
+# Learned token params (models/siglip.py) that weight decay would pull towards zero.
+NO_DECAY_TOKENS = ("cls", "probe")
+
+
 def assign_groups(
   params: Mapping, groups: Sequence[tuple[str, float | None]]
 ) -> tuple[dict, dict[str, list[str]]]:
@@ -89,11 +93,18 @@ def make_optimizer(
   schedule = make_schedule(cfg, cfg.lr)
 
   def decay_mask(tree):
-    # No weight decay on biases, norm scales and position embeddings (1-D or
-    # named so), the usual AdamW practice.
+    # No weight decay on biases, norm scales, position embeddings and learned tokens
+    # (1-D or named so: the ViT's class token, the MAP head's probe), as timm's
+    # no_weight_decay() and the usual AdamW practice.
     def keep(path, leaf):
-      name = "/".join(str(getattr(k, "key", k)) for k in path)
-      return leaf.ndim > 1 and "pos_embedding" not in name and "norm" not in name
+      keys = [str(getattr(k, "key", k)) for k in path]
+      name = "/".join(keys)
+      return (
+        leaf.ndim > 1
+        and "pos_embedding" not in name
+        and "norm" not in name
+        and keys[-1] not in NO_DECAY_TOKENS
+      )
 
     return jax.tree_util.tree_map_with_path(keep, tree)
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,7 @@ import pytest
 from compact_jax.train import checkpoint as checkpoint_lib
 from compact_jax.train import loop as loop_lib
 from compact_jax.train import mesh as mesh_lib
-from configs import base
-from tests.train.test_train import _config, built  # noqa: F401 (fixture)
+from tests.train.test_train import _config, built, fresh_workdir, lora_groups  # noqa: F401
 
 
 @pytest.mark.parametrize(
@@ -35,20 +33,13 @@ def test_best_by_metric_keeps_the_best_and_the_latest(tmp_path, mode, values, be
     checkpoint_lib.Checkpointer(str(tmp_path / "b"), best_metric="m", best_mode="lowest")
 
 
-def _fresh(built_dir, tmp_path, name):
-  workdir = str(tmp_path / name)
-  shutil.copytree(built_dir, workdir)
-  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
-  return workdir
-
-
 def _rows(workdir):
   with open(os.path.join(workdir, "train", loop_lib.METRICS_FILE)) as f:
     return [json.loads(ln) for ln in f]
 
 
 def test_the_loop_keeps_the_checkpoint_with_the_lowest_interval_loss(built, tmp_path):  # noqa: F811
-  workdir = _fresh(built, tmp_path, "best")
+  workdir = fresh_workdir(built, tmp_path, "best")
   # A high lr makes the loss move (up or down) enough that the best is not just the last.
   config = _config(
     workdir, best_metric="loss", keep_checkpoints=1, keep_best=1, ckpt_every_steps=2, lr=3e-2
@@ -72,12 +63,8 @@ def test_adapters_only_export_holds_the_trained_params_and_resume_stays_complete
   built,  # noqa: F811
   tmp_path,
 ):
-  workdir = _fresh(built, tmp_path, "adapters")
-  groups = (
-    (base.LORA_TRAINABLE, 1.0),
-    ("connector/.*", 0.1),
-    (r"(img|llm)/" + base.NOT_LORA, None),
-  )
+  workdir = fresh_workdir(built, tmp_path, "adapters")
+  groups = lora_groups()
   config = _config(
     workdir, param_groups=groups, total_steps=3, ckpt_every_steps=3, save_adapters_only=True
   )
@@ -109,7 +96,7 @@ def test_eval_hook_logs_accuracy_of_the_current_params(built, tmp_path):  # noqa
   from compact_jax.eval import metrics as metrics_lib
   from compact_jax.eval import run as eval_run
 
-  workdir = _fresh(built, tmp_path, "evalhook")
+  workdir = fresh_workdir(built, tmp_path, "evalhook")
   config = _config(
     workdir,
     eval_every_steps=3,

@@ -3,7 +3,6 @@ with the same logits."""
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +15,18 @@ from compact_jax.train import export as export_lib
 from compact_jax.train import loop as loop_lib
 from compact_jax.train import mesh as mesh_lib
 from compact_jax.train import state as state_lib
-from configs import base
-from tests.train.test_train import _batches, _config, built  # noqa: F401 (fixture)
+from tests.train.test_train import (  # noqa: F401 (fixture)
+  _batches,
+  _config,
+  built,
+  fresh_workdir,
+  lora_groups,
+)
 
 
 def test_export_merges_adapters_and_a_plain_model_reproduces_the_logits(built, tmp_path):  # noqa: F811
-  workdir = str(tmp_path / "export")
-  shutil.copytree(built, workdir)
-  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
-  groups = (
-    (base.LORA_TRAINABLE, 1.0),
-    ("connector/.*", 0.1),
-    (r"(img|llm)/" + base.NOT_LORA, None),
-  )
+  workdir = fresh_workdir(built, tmp_path, "export")
+  groups = lora_groups()
   # lr high enough that the adapters' B (zero at init) moves far from zero in 3 steps.
   config = _config(workdir, param_groups=groups, total_steps=3, ckpt_every_steps=3, lr=3e-2)
   with config.unlocked():

@@ -74,11 +74,15 @@ def test_schedule_warms_up_then_decays_to_end_fraction():
 
 def test_weight_decay_skips_norms_and_vectors():
   cfg = _cfg(weight_decay=0.5, warmup_steps=0)
-  tx, _, _ = optimizer_lib.make_optimizer(cfg, PARAMS)
-  zero = jax.tree.map(jnp.zeros_like, PARAMS)
-  updates, _ = tx.update(zero, tx.init(PARAMS), PARAMS)
+  # Learned tokens (the ViT's class token, the MAP probe) are 3-D but not weights.
+  params = {**PARAMS, "tok": {"cls": jnp.ones((1, 1, 3)), "head": {"probe": jnp.ones((1, 1, 3))}}}
+  tx, _, _ = optimizer_lib.make_optimizer(cfg, params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
   assert float(jnp.abs(updates["llm"]["final_norm"]["scale"]).sum()) == 0.0
   assert float(jnp.abs(updates["img"]["embedding"]["bias"]).sum()) == 0.0
+  assert float(jnp.abs(updates["tok"]["cls"]).sum()) == 0.0
+  assert float(jnp.abs(updates["tok"]["head"]["probe"]).sum()) == 0.0
   assert float(jnp.abs(updates["llm"]["layers"]["w"]).sum()) > 0.0
 
 

@@ -57,6 +57,27 @@ def built(tmp_path_factory):
   return workdir
 
 
+def fresh_workdir(built_dir: str, tmp_path, name: str) -> str:
+  """A copy of the ``built`` fixture's workdir without any training output."""
+  import shutil
+
+  workdir = str(tmp_path / name)
+  shutil.copytree(built_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
+  return workdir
+
+
+def lora_groups():
+  """param_groups of a LoRA run: adapters at lr x1, the connector x0.1, the rest frozen."""
+  from configs import base
+
+  return (
+    (base.LORA_TRAINABLE, 1.0),
+    ("connector/.*", 0.1),
+    (r"(img|llm)/" + base.NOT_LORA, None),
+  )
+
+
 def _batches(workdir, config, n):
   tok = build_lib.load_tokenizer(workdir)
   template = template_lib.TEMPLATES[config.data.template]
@@ -368,18 +389,8 @@ def test_lora_adapters_are_sharded_like_their_weights_and_keep_the_loss(built, o
 def test_lora_phase_trains_adapters_and_connector_only(built, tmp_path):
   """LLaVA-1.5 stage 2 groups: frozen towers stay bit-identical and carry no optimizer
   state; adapters and connector move."""
-  import shutil
-
-  from configs import base
-
-  workdir = str(tmp_path / "lora")
-  shutil.copytree(built, workdir)
-  shutil.rmtree(os.path.join(workdir, "train"), ignore_errors=True)
-  groups = (
-    (base.LORA_TRAINABLE, 1.0),
-    ("connector/.*", 0.1),
-    (r"(img|llm)/" + base.NOT_LORA, None),
-  )
+  workdir = fresh_workdir(built, tmp_path, "lora")
+  groups = lora_groups()
   config = _config(workdir, param_groups=groups, total_steps=3, ckpt_every_steps=3)
   with config.unlocked():
     config.model.lora.targets = (r"llm/layers[^/]*/attn/(q|kv)_einsum/w$",)
