@@ -292,12 +292,21 @@ class TrainEvalHook:
         np.stack(self.layouts[sl]) if self.tiled else None,
       )
     correct = [self._metrics.exact_match(p, q.answer) for p, q in zip(preds, self.questions)]
-    table = self._metrics.accuracy_table(self.questions, correct)
-    out = {"accuracy": table["overall"]["all"]["accuracy"], "n": float(len(correct))}
-    out.update({f"accuracy_k{k}": v["accuracy"] for k, v in table["by_k"].items()})
+    out = self._split_metrics(correct)
     if self.benchmarks is not None:
       out.update(self.benchmarks(graphdef, params, step=step))
     return out
+
+  def _split_metrics(self, correct: list[bool]) -> dict[str, float]:
+    table = self._metrics.accuracy_table(self.questions, correct)
+    out = {"accuracy": table["overall"]["all"]["accuracy"], "n": float(len(correct))}
+    out.update({f"accuracy_k{k}": v["accuracy"] for k, v in table["by_k"].items()})
+    return out
+
+  def split_metric_names(self) -> list[str]:
+    """The eval split's metric names (without ``eval/``), known before any step: what
+    ``best_metric`` may name besides ``<benchmark>/<metric>``."""
+    return sorted(self._split_metrics([False] * len(self.questions)))
 
 
 def iterator_remap_message(saved_processes: int, processes: int, step: int) -> str:
@@ -571,6 +580,15 @@ def run_train(
       config, workdir, tokenizer, mesh, max_examples=cfg.eval_examples, benchmarks=bench_names,
       benchmarks_dir=os.path.join(out_dir, "eval_benchmarks"),
     )  # fmt: skip
+    # A misspelt split metric fails now, not at the first eval (benchmark metrics are
+    # named by their results, and checked then).
+    if cfg.best_metric.startswith("eval/") and cfg.best_metric.count("/") == 1:
+      names = eval_hook.split_metric_names()
+      if cfg.best_metric[len("eval/") :] not in names:
+        raise ValueError(
+          f"config.{phase}.best_metric={cfg.best_metric!r} is not among the eval hook's "
+          f"metrics {['eval/' + n for n in names]}"
+        )
 
   latest = ckpt.latest_step()
   carried = None

@@ -129,3 +129,16 @@ def test_eval_hook_logs_accuracy_of_the_current_params(built, tmp_path):  # noqa
     preds = predictor(prompts, images, np.ones(len(prompts), bool))
   acc = np.mean([metrics_lib.exact_match(p, q.answer) for p, q in zip(preds, questions)])
   assert evals[6]["eval/accuracy"] == pytest.approx(acc)
+
+
+def test_a_misspelt_eval_metric_fails_before_the_first_step(built, tmp_path):  # noqa: F811
+  workdir = fresh_workdir(built, tmp_path, "misspelt")
+  config = _config(workdir, eval_every_steps=3, eval_examples=8, best_metric="eval/acuracy")
+  with config.unlocked():
+    config.eval.split = "train"
+  with pytest.raises(ValueError, match=r"best_metric='eval/acuracy'.*'eval/accuracy'"):
+    loop_lib.run_train(config, workdir)
+  assert loop_lib.latest_checkpoint_step(config, workdir) is None
+  # Not one step trained (log_every_steps=1 would have logged it).
+  metrics = os.path.join(workdir, "train", loop_lib.METRICS_FILE)
+  assert not os.path.exists(metrics) or not any("loss" in r for r in _rows(workdir))
