@@ -572,3 +572,32 @@ def export_llava(
   sections = tables.llava_sections(model.img.variant, family, model.llm.variant)
   tensors = convert.export_tensors(flat, sections, dtype=dtype)
   _write(tensors, out_dir, config, max_shard_bytes)
+  with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+    json.dump(image_processor_config(model.img.variant, model.img.image_size), f, indent=1)
+
+
+def image_processor_config(variant: siglip.ViTVariant, image_size: int) -> dict[str, Any]:
+  """``preprocessor_config.json`` for the tower, so ``AutoImageProcessor.from_pretrained``
+  turns a square image into the pixels our pipeline feeds it (bicubic resize to
+  ``image_size``, then the tower's normalisation). Like llava-hf's processors it does not
+  pad to a square first, as LLaVA-1.5's training code (and ``data.pad_fill``) does: pad
+  non-square images before calling it."""
+  # The tower's own normalisation of its [-1, 1] input (CLIP's mean/std), else [-1, 1]
+  # itself: mean = std = 0.5 (SigLIP, big_vision's value_range(-1, 1)).
+  mean, std = variant.pixel_norm or ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+  common = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+            "do_convert_rgb": True}  # fmt: skip
+  if variant.family == "clip":
+    return {
+      "image_processor_type": "CLIPImageProcessor",
+      **common,
+      "size": {"shortest_edge": image_size},
+      "do_center_crop": True,
+      "crop_size": {"height": image_size, "width": image_size},
+    }
+  return {
+    "image_processor_type": "SiglipImageProcessor",
+    **common,
+    "size": {"height": image_size, "width": image_size},
+  }

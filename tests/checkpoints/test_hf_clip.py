@@ -331,3 +331,37 @@ def test_cli_npz_to_llava_writes_the_api_export(tmp_path, capsys):
   cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
   assert cfg == json.loads((tmp_path / "api" / "config.json").read_text())
   assert cfg["vision_config"]["model_type"] == "clip_vision_model" and cfg["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("tower", sorted(TOWERS))
+def test_exported_image_processor_feeds_the_tower_our_pixels(tower, tmp_path):
+  """AutoImageProcessor from the export's preprocessor_config.json turns an image into
+  the pixels our pipeline gives the tower (after its own normalisation)."""
+  import io
+
+  from PIL import Image
+
+  from compact_jax.data import image as image_lib
+
+  model = tm.abstract_vlm(
+    vit_variant=TOWERS[tower], llm_variant=LLAMA, vocab_size=hm.VOCAB, vit_output_layer=-2,
+    causal_image=True,
+  )  # fmt: skip
+  vlm.load_flat_params(model, tm.random_flat_params(model, seed=4, scale=0.2))
+  hf.export_llava(model, "llama", str(tmp_path), image_token_index=hm.VOCAB - 1)
+  size = model.img.image_size
+  # A square photo-like image at 3x the model size, so both sides resize (bicubic).
+  rng = np.random.default_rng(0)
+  small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+  pil = Image.fromarray(small).resize((3 * size, 3 * size), Image.Resampling.BILINEAR)
+  buf = io.BytesIO()
+  pil.save(buf, format="PNG")
+  ours = image_lib.preprocess_image(buf.getvalue(), size)  # [-1, 1], HWC
+  norm = model.img.variant.pixel_norm
+  if norm is not None:  # what the tower does to its input first
+    mean, std = (np.asarray(a, np.float32) for a in norm)
+    ours = ((ours + 1.0) / 2.0 - mean) / std
+  proc = T.AutoImageProcessor.from_pretrained(str(tmp_path))
+  theirs = proc(images=pil, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  assert theirs.shape == ours.shape == (size, size, 3)
+  np.testing.assert_allclose(theirs, ours, atol=1e-5)
