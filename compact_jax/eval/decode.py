@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compact_jax import models
 from compact_jax.models.vlm import VLM, make_attn_mask
 
 
@@ -211,6 +212,10 @@ class Decoder:
     self.num_traces += 1  # runs at trace time only
     model: VLM = nnx.merge(self.graphdef, state)
     lm = model.llm
+    if not lm.scan and lm.remat_policy in (None, "none"):
+      # The prefill below lays every LM weight out for its matmul once; the token loop
+      # reuses those matrices instead of re-slicing/relaying the weights per token.
+      models.prepare_decode_weights(lm)
     b = prompt_tokens.shape[0]
     max_new = self.max_new_tokens
     stop_ids = jnp.asarray(self.stop_ids, jnp.int32)

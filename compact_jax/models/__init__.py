@@ -14,6 +14,7 @@ adapters themselves are made by ``models.lora``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -117,11 +118,16 @@ def project(
       ``lora_B(lora_A(dropout(x)))``); the base einsum sees x. None (eval,
       decode) or p = 0 applies no dropout.
   """
+  spec = lora_spec(module, name)
+  prepared = getattr(module, DECODE_WEIGHTS, None)
+  if prepared is not None and spec is None:
+    y = _prepared_matmul(prepared, eqn, x, module, name, index, dtype)
+    if y is not None:
+      return y
   w = getattr(module, name)[...]
   if index is not None:
     w = w[index]
   y = jnp.einsum(eqn, x, w.astype(dtype))
-  spec = lora_spec(module, name)
   if spec is None:
     return y
   sliced = spec.sliced
@@ -165,6 +171,57 @@ def project(
     m = mask.reshape(mask.shape + (1,) * (xa.ndim - mask.ndim))
     xa = jnp.where(m, xa, jnp.zeros((), xa.dtype))
   return y + jnp.einsum(delta_eqn, xa, b).reshape(y.shape)
+
+
+# A dict set on a module (``prepare_decode_weights``) while a decoder traces: ``project``
+# keeps each weight there as the 2-D [in, out] matrix its einsum multiplies by.
+DECODE_WEIGHTS = "_decode_weights"
+
+
+def prepare_decode_weights(model: Any) -> None:
+  """Lets ``project`` cache every weight of ``model``'s modules as a row-major 2-D
+  matrix at its first use (inside one trace only).
+
+  A decoder calls this on its freshly merged model before the prefill: the prefill is
+  then the first use, outside the token loop, and the loop body reuses the matrices.
+  Without it, XLA:CPU re-sliced the fused weights (``gating_einsum[i]``, ``kv_einsum[i]``)
+  and re-laid ``[N, D, H]`` weights out for the dot on every generated token, copies that
+  ``while_loop`` invariant code motion does not hoist and that cost more than the
+  token's arithmetic (issue 7). Modules with LoRA adapters keep the einsum path.
+  """
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.Module):
+      object.__setattr__(module, DECODE_WEIGHTS, {})
+
+
+def _prepared_matmul(
+  cache: dict, eqn: str, x: jax.Array, module: Any, name: str, index: int | None, dtype
+) -> jax.Array | None:
+  """``einsum(eqn, x, W)`` as ``x2d @ W2d`` with W2d cached, or None when ``eqn`` is not
+  "x's leading letters, then the contracted ones -> the leading letters, then the
+  weight's kept ones" (then ``project`` runs the einsum)."""
+  key = (name, index, eqn, jnp.dtype(dtype).name)
+  if key not in cache:
+    lhs, out = eqn.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    contracted = [c for c in xs if c in ws and c not in out]
+    lead = xs[: len(xs) - len(contracted)]
+    kept = [c for c in ws if c in out]
+    if "".join(contracted) != xs[len(lead) :] or out != lead + "".join(kept):
+      cache[key] = None
+    else:
+      w = getattr(module, name)[...]
+      if index is not None:
+        w = w[index]
+      w = jnp.transpose(w, [ws.index(c) for c in contracted + kept])
+      n_in = math.prod(w.shape[: len(contracted)])
+      cache[key] = (w.reshape(n_in, -1).astype(dtype), w.shape[len(contracted) :], len(lead))
+  entry = cache[key]
+  if entry is None:
+    return None
+  w2d, out_dims, n_lead = entry
+  y = x.reshape((*x.shape[:n_lead], -1)) @ w2d
+  return y.reshape((*x.shape[:n_lead], *out_dims))
 
 
 def lora_dropout(rng: jax.Array, x: jax.Array, rate: float) -> jax.Array:

@@ -133,3 +133,38 @@ def test_partial_lora_and_causal_image_decoding_match_the_reference(setup):
   got = np.asarray(decoder(params, *batch))
   want = decode.greedy_decode_reference(variant, *batch, max_new_tokens=4, eos_id=NEVER, pad_id=PAD)
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+  ("eqn", "x_shape", "w_shape", "index"),
+  [
+    ("BSD,KDH->BSKH", (2, 3, 4), (2, 1, 4, 5), 1),  # fused kv_einsum, second slice
+    ("BTD,NDH->BTNH", (2, 3, 4), (3, 4, 5), None),
+    ("BTNH,NHD->BTD", (2, 3, 3, 5), (3, 5, 4), None),
+    ("BTD,DF->BTF", (2, 3, 4), (2, 4, 6), 0),  # fused gating_einsum, first slice
+    ("BTD,FD->BTF", (2, 3, 4), (6, 4), None),  # weight stored [out, in]
+    ("BTD,DF->BFT", (2, 3, 4), (4, 6), None),  # output not [lead, kept]: plain einsum
+  ],
+)
+def test_decode_weight_view_equals_the_einsum_on_the_stored_weights(eqn, x_shape, w_shape, index):
+  """The matmul view the decoder sets up (``prepare_decode_weights``) reproduces
+  ``einsum(eqn, x, W[index])`` on the checkpoint-layout weight, at first use and reuse."""
+  import jax.numpy as jnp
+
+  from compact_jax import models
+
+  rng = np.random.default_rng(0)
+
+  class Holder(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.asarray(rng.normal(size=w_shape), jnp.float32))
+
+  holder = Holder()
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = np.asarray(holder.w[...])
+  expected = np.einsum(eqn.replace(" ", ""), np.asarray(x), w if index is None else w[index])
+  models.prepare_decode_weights(holder)
+  for _ in range(2):  # build the cached matrix, then reuse it
+    got = models.project(eqn, x, holder, "w", jnp.float32, index=index)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
+  assert holder.w[...].shape == w_shape  # the stored parameter keeps its layout
