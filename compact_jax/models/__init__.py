@@ -127,9 +127,8 @@ def project(
   w = getattr(module, name)[...]
   if index is not None:
     w = w[index]
-  y = jnp.einsum(eqn, x, w.astype(dtype))
   if spec is None:
-    return y
+    return jnp.einsum(eqn, x, w.astype(dtype))
   sliced = spec.sliced
   if index is not None and not sliced:
     raise ValueError(
@@ -140,7 +139,12 @@ def project(
   b = getattr(module, f"{name}_lora_b")[...]
   if index is not None:
     a, b, sliced = a[index], b[index], False
+  if lora_mask is None and not sliced and (rng is None or spec.dropout == 0):
+    y = _merged_lora_project(eqn, x, w, a, b, spec, dtype)
+    if y is not None:
+      return y
   slice_shape = w.shape[1:] if sliced else w.shape
+  y = jnp.einsum(eqn, x, w.astype(dtype))
   xa_eqn, delta_eqn = lora_einsums(eqn, spec.in_axes, sliced=sliced)
   # The token dims (x's leading letters that W lacks) are merged into one, so the
   # adapter's einsums are plain 2-D matmuls: with [B, T] kept apart, XLA:CPU's
@@ -173,6 +177,79 @@ def project(
   return y + jnp.einsum(delta_eqn, xa, b).reshape(y.shape)
 
 
+def _matmul_layout(eqn: str, in_axes: tuple[int, ...] | None = None):
+  """How ``eqn`` is a 2-D matmul ``x[M, I] @ W[I, O]``: (the number of x's leading
+  dims, W's axes in [in..., out...] order, how many of them are inputs), or None
+  when it is not one: x must be its leading letters then the contracted ones, in
+  W's order (``in_axes``' order, when given), and the output the leading letters
+  then W's kept ones in W's order."""
+  lhs, out = eqn.replace(" ", "").split("->")
+  xs, ws = lhs.split(",")
+  contracted = [c for c in xs if c in ws and c not in out]
+  lead = xs[: len(xs) - len(contracted)]
+  kept = [c for c in ws if c in out]
+  if "".join(contracted) != xs[len(lead) :] or out != lead + "".join(kept):
+    return None
+  if in_axes is not None and [ws[i] for i in in_axes] != contracted:
+    return None
+  return len(lead), [ws.index(c) for c in contracted + kept], len(contracted)
+
+
+@jax.custom_vjp
+def _merged_lora_matmul(x, w, a, b, scale):
+  """``x @ (W + scale * A @ B)``: x float[M, I], W float[I, O], A float[I, r], B float[r, O].
+
+  The forward multiplies once by the merged weight; the backward keeps LoRA's
+  rank-r algebra for A and B and uses the merged weight for x. Against
+  ``x.W + scale * (x.A).B`` (peft's form, and autodiff's of it) this drops a
+  [M, r] x [r, O] matmul and a [M, O] add from the forward and a [M, r] x [r, I]
+  matmul and an [M, I] add from the backward: memory-bound passes that cost
+  ~10% of the tiny train step on XLA:CPU (issue 7). W's cotangent is computed
+  only if someone uses it (XLA drops it for a frozen W).
+  """
+  return x @ (w + (a @ b) * scale)
+
+
+def _merged_lora_fwd(x, w, a, b, scale):
+  wm = w + (a @ b) * scale
+  return x @ wm, (x, wm, a, b, scale)
+
+
+def _merged_lora_bwd(res, dy):
+  x, wm, a, b, scale = res
+  dyb = dy @ b.T
+  return (
+    dy @ wm.T,
+    x.T @ dy,
+    (x.T @ dyb) * scale,
+    ((x @ a).T @ dy) * scale,
+    jnp.zeros_like(scale),
+  )
+
+
+_merged_lora_matmul.defvjp(_merged_lora_fwd, _merged_lora_bwd)
+
+
+def _merged_lora_project(eqn, x, w, a, b, spec: LoraSpec, dtype) -> jax.Array | None:
+  """``project``'s LoRA einsum through `_merged_lora_matmul`, or None when ``eqn``
+  is not a plain 2-D matmul in the adapter's layout (`_matmul_layout`)."""
+  layout = _matmul_layout(eqn, spec.in_axes)
+  if layout is None:
+    return None
+  n_lead, perm, n_in = layout
+  w = jnp.transpose(w, perm)
+  n_i = math.prod(w.shape[:n_in])
+  out_dims = w.shape[n_in:]
+  y = _merged_lora_matmul(
+    x.reshape(-1, n_i),
+    w.reshape(n_i, -1).astype(dtype),
+    a.reshape(n_i, -1).astype(dtype),
+    b.reshape(b.shape[0], -1).astype(dtype),
+    jnp.asarray(spec.scale, dtype),
+  )
+  return y.reshape((*x.shape[:n_lead], *out_dims))
+
+
 # A dict set on a module (``prepare_decode_weights``) while a decoder traces: ``project``
 # keeps each weight there as the 2-D [in, out] matrix its einsum multiplies by.
 DECODE_WEIGHTS = "_decode_weights"
@@ -202,20 +279,17 @@ def _prepared_matmul(
   weight's kept ones" (then ``project`` runs the einsum)."""
   key = (name, index, eqn, jnp.dtype(dtype).name)
   if key not in cache:
-    lhs, out = eqn.replace(" ", "").split("->")
-    xs, ws = lhs.split(",")
-    contracted = [c for c in xs if c in ws and c not in out]
-    lead = xs[: len(xs) - len(contracted)]
-    kept = [c for c in ws if c in out]
-    if "".join(contracted) != xs[len(lead) :] or out != lead + "".join(kept):
+    layout = _matmul_layout(eqn)
+    if layout is None:
       cache[key] = None
     else:
+      n_lead, perm, n_contracted = layout
       w = getattr(module, name)[...]
       if index is not None:
         w = w[index]
-      w = jnp.transpose(w, [ws.index(c) for c in contracted + kept])
-      n_in = math.prod(w.shape[: len(contracted)])
-      cache[key] = (w.reshape(n_in, -1).astype(dtype), w.shape[len(contracted) :], len(lead))
+      w = jnp.transpose(w, perm)
+      n_in = math.prod(w.shape[:n_contracted])
+      cache[key] = (w.reshape(n_in, -1).astype(dtype), w.shape[n_contracted:], n_lead)
   entry = cache[key]
   if entry is None:
     return None

@@ -332,6 +332,43 @@ def test_adapter_gradients_equal_the_weight_level_formulation(
     assert not np.asarray(grads[f"{name}_lora_b"][...][other]).any()
 
 
+@pytest.mark.parametrize("eqn, path, name, index, x_shape", PROJECTIONS)
+def test_every_gradient_through_an_adapted_projection_matches_autodiff(
+  eqn, path, name, index, x_shape
+):
+  """``project`` multiplies by the merged weight and hand-writes its backward
+  (``models._merged_lora_matmul``): d loss / d(x, W, A, B) must equal autodiff of
+  ``x.W + scale * (x.A).B``, including x's (what the layers below train on) and a
+  trainable W's."""
+  blk = _block(seed=11)
+  module = _module(blk, path)
+  spec = models.lora_spec(module, name)
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(rng.standard_normal((2, 3, *x_shape)), jnp.float32)
+  w = getattr(module, name)[...]
+  a, b = getattr(module, f"{name}_lora_a")[...], getattr(module, f"{name}_lora_b")[...]
+  y_shape = jax.eval_shape(lambda: models.project(eqn, x, module, name, jnp.float32, index=index))
+  target = jnp.asarray(rng.standard_normal(y_shape.shape), jnp.float32)
+
+  graphdef, state = nnx.split(module)
+
+  def via_project(x, state):
+    y = models.project(eqn, x, nnx.merge(graphdef, state), name, jnp.float32, index=index)
+    return jnp.sum(jnp.sin(y) * target)
+
+  def reference(x, w, a, b):
+    merged = w + models.lora_delta(a, b, w.shape, spec.in_axes, spec.scale)
+    y = jnp.einsum(eqn, x, merged if index is None else merged[index])
+    return jnp.sum(jnp.sin(y) * target)
+
+  gx, gs = jax.grad(via_project, argnums=(0, 1))(x, state)
+  got = [gx] + [gs[v][...] for v in (name, f"{name}_lora_a", f"{name}_lora_b")]
+  want = jax.grad(reference, argnums=(0, 1, 2, 3))(x, w, a, b)
+  for which, g, r in zip("xWAB", got, want):
+    assert float(jnp.abs(r).max()) > 1e-3, which
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5, err_msg=which)
+
+
 def test_adapter_einsums_are_derived_from_the_projection():
   assert models.lora_einsums("BTD,NDH->BTNH", (1,)) == ("BTD,Dr->BTr", "BTr,rNH->BTNH")
   assert models.lora_einsums("BTNH,NHD->BTD", (0, 1)) == ("BTNH,NHr->BTr", "BTr,rD->BTD")
