@@ -9,6 +9,8 @@ folds every LoRA adapter into its base weight (``models.lora.merge_lora``) and w
                        (PaliGemma's layout, what ``model_init`` and the converters read)
   W/export/model.json  the model config, image size, template, vocab size, the
                        checkpoint step and the merged weights' paths
+  W/export/tokenizer.model  a copy of the SentencePiece model the run trained with, so
+                       the directory is all a user needs (the run's own path may be gone)
 
 A merged model needs no adapter code: ``--config.model_init.path=W/export/model.npz``
 with ``model.lora.targets=()`` starts from it, and for a LLaVA-shaped model (mlp2x_gelu
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -38,6 +41,7 @@ from compact_jax.train import mesh as mesh_lib
 EXPORT_DIR = "export"
 NPZ_FILE = "model.npz"
 INFO_FILE = "model.json"
+TOKENIZER_FILE = "tokenizer.model"
 # Our top-level param prefixes -> npz key prefixes (every param must fall under one).
 PARTS = {
   "img/": "params/img/",
@@ -94,6 +98,13 @@ def run_export(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     "vocab_size": int(meta["vocab_size"]),
     "tokenizer": meta.get("tokenizer", ""),
   }
+  source_tokenizer = info["tokenizer"]
+  if not source_tokenizer or not os.path.isfile(source_tokenizer):
+    raise FileNotFoundError(
+      f"export: the {phase} checkpoint's tokenizer {source_tokenizer!r} is missing; an export "
+      "without it could not be decoded (rebuild it or restore the file)"
+    )
+  info["tokenizer_file"] = os.path.join(out, TOKENIZER_FILE)
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
     # Written under temporary names and renamed: a killed export leaves no half file
@@ -101,6 +112,8 @@ def run_export(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     tmp = os.path.join(out, "model.tmp.npz")
     big_vision.export_npz(flat, tmp, PARTS)
     os.replace(tmp, info["npz"])
+    shutil.copyfile(source_tokenizer, info["tokenizer_file"] + ".tmp")
+    os.replace(info["tokenizer_file"] + ".tmp", info["tokenizer_file"])
     with open(info_path + ".tmp", "w") as f:
       json.dump(info, f, indent=1, default=str)
     os.replace(info_path + ".tmp", info_path)

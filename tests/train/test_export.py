@@ -43,6 +43,10 @@ def test_export_merges_adapters_and_a_plain_model_reproduces_the_logits(built, t
 
   # The trained model, adapters unmerged, on real batches ...
   graphdef, params, meta = loop_lib.load_params(config, workdir)
+  # The export directory carries the run's tokenizer byte for byte.
+  assert os.path.dirname(info["tokenizer_file"]) == export_lib.export_dir(workdir)
+  with open(info["tokenizer_file"], "rb") as f, open(meta["tokenizer"], "rb") as g:
+    assert f.read() == g.read()
   trained = jax.tree.map(np.asarray, params)
   _, batches = _batches(workdir, config, 1)
   batch = {k: jnp.asarray(v) for k, v in batches[0].items()}
