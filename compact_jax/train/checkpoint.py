@@ -20,7 +20,21 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+
+class ParamsMismatchError(ValueError):
+  """A checkpoint's params and the model restoring them have different paths."""
+
+
+def _leaf_paths(tree: Any, is_leaf=None) -> dict[str, Any]:
+  """'/'-joined key path -> leaf (dict keys and attribute names alike)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf):
+    names = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    out["/".join(str(n) for n in names)] = leaf
+  return out
 
 
 class Checkpointer:
@@ -144,6 +158,20 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}")
+    # partial_restore (which lets us skip the optimizer state) would also silently
+    # skip params that only one side has: a LoRA checkpoint read by a model without
+    # adapters evaluates the base model, and a param the checkpoint lacks comes back
+    # as its abstract placeholder (seen far away as "ShapeDtypeStruct is not a valid
+    # JAX type"). Both sides' param paths must agree.
+    saved = self.saved_param_paths(step)
+    wanted = set(_leaf_paths(abstract_params))
+    for what, paths in (("has no value for", wanted - saved), ("holds", saved - wanted)):
+      if paths:
+        raise ParamsMismatchError(
+          f"checkpoint {self.directory} step {step} {what} {len(paths)} param(s) "
+          f"{'of' if what.startswith('has') else 'not in'} the model being restored "
+          f"(e.g. {', '.join(sorted(paths)[:4])}): it is not the model that wrote it"
+        )
     item = {"params": abstract_params}
     out = self._mngr.restore(
       step,
@@ -156,6 +184,16 @@ class Checkpointer:
       ),
     )
     return out["state"]["params"]
+
+  def saved_param_paths(self, step: int) -> set[str]:
+    """The '/'-joined paths of ``state["params"]`` in checkpoint ``step`` (from its
+    metadata; no array is read)."""
+    tree = ocp.StandardCheckpointHandler().metadata(
+      epath.Path(self.directory) / str(step) / "state"
+    )
+    if tree is None or "params" not in tree:
+      raise FileNotFoundError(f"checkpoint {self.directory} step {step} holds no params")
+    return set(_leaf_paths(tree["params"], is_leaf=lambda x: hasattr(x, "shape")))
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

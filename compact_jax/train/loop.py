@@ -837,12 +837,41 @@ def load_params(
   meta = ckpt.restore_meta(step)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   setup, _ = state_lib.setup_state(config, vocab_size=meta["vocab_size"], mesh=mesh)
-  with jax.set_mesh(mesh), sharding_lib.axis_rules(config.sharding_rules):
-    # Params only: the reader's param groups (hence optimizer-state layout) may
-    # differ from the writer's, e.g. an eval config on a LoRA run.
-    params = ckpt.restore_params(setup.abstract["params"], step)
-  ckpt.close()
+  try:
+    with jax.set_mesh(mesh), sharding_lib.axis_rules(config.sharding_rules):
+      # Params only: the reader's param groups (hence optimizer-state layout) may
+      # differ from the writer's, e.g. an eval config on a LoRA run.
+      params = ckpt.restore_params(setup.abstract["params"], step)
+  except checkpoint_lib.ParamsMismatchError as e:
+    raise checkpoint_lib.ParamsMismatchError(
+      f"{e}. {model_config_diff(meta.get('model'), config.model.to_dict())}"
+    ) from None
+  finally:
+    ckpt.close()
   return setup.graphdef, params, {**meta, "step": step}
+
+
+def model_config_diff(written: dict | None, current: dict) -> str:
+  """A sentence naming the ``model.*`` keys where the config that wrote a checkpoint
+  (its meta's "model") and this run's config differ."""
+  if not written:
+    return "The checkpoint records no model config to compare with."
+
+  def flat(d: dict, prefix: str = "model") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}.{k}") if isinstance(v, dict) else {f"{prefix}.{k}": v})
+    return out
+
+  a, b = flat(written), flat(current)
+  diff = [
+    f"{k}: checkpoint {a.get(k, '<unset>')!r}, config {b.get(k, '<unset>')!r}"
+    for k in sorted(set(a) | set(b))
+    if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str)
+  ]
+  if not diff:
+    return "The model configs agree; the checkpoint may come from an older layout."
+  return "Set the config to the checkpoint's: " + "; ".join(diff)
 
 
 def latest_checkpoint_step(

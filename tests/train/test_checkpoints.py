@@ -89,6 +89,26 @@ def test_adapters_only_export_holds_the_trained_params_and_resume_stays_complete
   result = loop_lib.run_train(config, workdir)
   assert result.resumed_from == 3 and result.final_step == 4
 
+  # Reading it with another model fails by name instead of dropping or faking params:
+  # without the adapters (an eval would silently score the base model) ...
+  with config.unlocked():
+    config.model.lora.targets = ()
+    config.train.param_groups = ((".*", 1.0),)
+  with pytest.raises(
+    checkpoint_lib.ParamsMismatchError,
+    match=r"step 4 holds \d+ param\(s\) not in the model.*_lora_a.*model\.lora\.targets: checkpoint",
+  ):
+    loop_lib.load_params(config, workdir)
+  # ... or with another connector (its params were never written).
+  with config.unlocked():
+    config.model.lora.targets = (r"llm/layers[^/]*/attn/(q|kv)_einsum/w$",)
+    config.model.connector = "linear"
+  with pytest.raises(
+    checkpoint_lib.ParamsMismatchError,
+    match=r"has no value for .*img/head.*model\.connector: checkpoint 'mlp2x_gelu', config 'linear'",
+  ):
+    loop_lib.load_params(config, workdir)
+
 
 def test_eval_hook_logs_accuracy_of_the_current_params(built, tmp_path):  # noqa: F811
   from compact_jax.data import build as build_lib
