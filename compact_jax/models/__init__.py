@@ -100,8 +100,11 @@ def project(
   """``einsum(eqn, x, W)`` with ``W = module.<name>`` (``W[index]`` if given), plus
   its LoRA adapter applied to the activations: ``scale * (x . A) . B``.
 
-  The adapter never forms ``A @ B``: autodiff then differentiates two rank-r
-  einsums instead of materialising the full ``[I, O]`` weight gradient, and
+  Without ``lora_mask`` or dropout, and when ``eqn`` is a plain matmul in the
+  adapter's layout, the forward multiplies once by the merged weight
+  ``W + scale * A @ B`` and a hand-written backward keeps LoRA's rank-r algebra
+  (``_merged_lora_matmul``); otherwise the adapter runs on the activations. Either
+  way no full ``[I, O]`` weight gradient is formed for a frozen W, and
   ``lora_mask`` masks the rank-r activations ``x . A`` rather than running a
   second full einsum. For every ``eqn`` the result equals the einsum with the
   merged weight ``weight(module, name)``.
@@ -211,12 +214,15 @@ def _merged_lora_matmul(x, w, a, b, scale):
 
 
 def _merged_lora_fwd(x, w, a, b, scale):
-  wm = w + (a @ b) * scale
-  return x @ wm, (x, wm, a, b, scale)
+  # The merged weight is not a residual: saved for the backward, every adapted layer
+  # would hold a second copy of its weights until then (a 7B model's worth in all).
+  # Re-merging costs an [I, r] x [r, O] product.
+  return x @ (w + (a @ b) * scale), (x, w, a, b, scale)
 
 
 def _merged_lora_bwd(res, dy):
-  x, wm, a, b, scale = res
+  x, w, a, b, scale = res
+  wm = w + (a @ b) * scale
   dyb = dy @ b.T
   return (
     dy @ wm.T,

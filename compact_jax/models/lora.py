@@ -18,9 +18,10 @@ holding gate and up, which the model reads one slice at a time with
 parameter count as peft's (and LLaVA's) separate k_proj/v_proj and
 gate_proj/up_proj adapters.
 
-Where the model reads W: ``models.project`` (the LLM) adds
-``alpha / r * (x . A) . B`` to ``x . W`` on the activations, so autodiff never
-forms the full ``[I, O]`` gradient of a merged weight; Partial LoRA
+Where the model reads W: ``models.project`` (the LLM) computes
+``x . W + alpha / r * (x . A) . B`` - as one matmul by the merged weight with a
+hand-written rank-r backward when it can, else on the activations - and never
+forms the full ``[I, O]`` gradient of a frozen W; Partial LoRA
 (``LoraConfig.partial``) masks the rank-r activations per token.
 ``models.weight`` (siglip.py, connectors) reads the merged ``W + alpha / r * A @ B``.
 Dropout on the adapter input (peft's ``lora_dropout``, ``LoraConfig.dropout``)

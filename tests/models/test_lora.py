@@ -369,6 +369,27 @@ def test_every_gradient_through_an_adapted_projection_matches_autodiff(
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5, err_msg=which)
 
 
+def test_the_merged_weight_is_not_kept_for_the_backward(capsys):
+  """Saving ``W + scale * A @ B`` as a residual would hold a second copy of every adapted
+  weight from the forward to the backward; only W itself (a param, alive anyway) may be
+  kept at [I, O]."""
+  from jax.ad_checkpoint import print_saved_residuals
+
+  i, o, r = 32, 48, 4
+  rng = np.random.default_rng(13)
+  x, w, a, b = (
+    jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((6, i), (i, o), (i, r), (r, o))
+  )
+
+  def loss(x, w, a, b):
+    return jnp.sum(jnp.sin(models._merged_lora_matmul(x, w, a, b, jnp.float32(2.0))))
+
+  print_saved_residuals(loss, x, w, a, b)
+  lines = capsys.readouterr().out.splitlines()
+  big = [line for line in lines if f"[{i},{o}]" in line]
+  assert big == [f"f32[{i},{o}] from the argument w"], lines
+
+
 def test_adapter_einsums_are_derived_from_the_projection():
   assert models.lora_einsums("BTD,NDH->BTNH", (1,)) == ("BTD,Dr->BTr", "BTr,rNH->BTNH")
   assert models.lora_einsums("BTNH,NHD->BTD", (0, 1)) == ("BTNH,NHr->BTr", "BTr,rD->BTD")
